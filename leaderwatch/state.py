@@ -1,0 +1,269 @@
+"""Leadership values: who leads, at which epoch (DESIGN contracts 1-3).
+
+Every value here is immutable, hashable, compares by variant *and* payload,
+matches with ``match`` keyword patterns, and round-trips through JSON with a
+``kind`` discriminator.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Final, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+)
+
+__all__ = [
+    "EPOCH_LIMIT",
+    "MAX_ENDPOINT_LENGTH",
+    "Endpoint",
+    "Epoch",
+    "Follower",
+    "InvalidEndpoint",
+    "InvalidEpoch",
+    "Leader",
+    "LeaderState",
+    "Unknown",
+    "epoch_from_wire",
+    "epoch_to_wire",
+    "leader_state_from_json",
+    "observed_epoch",
+    "parse_endpoint",
+]
+
+EPOCH_LIMIT: Final = 2**128
+"""Epochs are integers in ``[0, EPOCH_LIMIT)``."""
+
+_HALF: Final = 2**64
+
+MAX_ENDPOINT_LENGTH: Final = 261
+"""Longest accepted endpoint: a 253-character DNS name, ``:`` and a 5-digit
+port, or a bracketed IPv6 address with its port."""
+
+_MAX_DNS_NAME: Final = 253
+_DNS_LABEL: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_PORT: Final = re.compile(r"[0-9]{1,5}")
+_SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+_DOTTED_NUMERIC: Final = re.compile(r"[0-9.]+")
+
+
+class InvalidEndpoint(ValueError):
+    """An endpoint is not a scheme-less ``host:port``; the message names the rule."""
+
+
+class InvalidEpoch(ValueError):
+    """An epoch (or one of its wire halves) is outside its range."""
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 80 else repr(text[:77]) + "..."
+
+
+def parse_endpoint(text: str) -> str:
+    """Return ``text`` if it is a scheme-less ``host:port``, else raise.
+
+    Accepted hosts are DNS names, dotted IPv4 addresses and bracketed IPv6
+    addresses (``[::1]:9000``); the port is 1-65535. Raises
+    :class:`InvalidEndpoint` naming the first rule broken. Runs in time
+    bounded by :data:`MAX_ENDPOINT_LENGTH`, whatever the input size.
+    """
+    if not isinstance(text, str):
+        raise InvalidEndpoint(f"endpoint must be a string (got {type(text).__name__})")
+    if len(text) > MAX_ENDPOINT_LENGTH:
+        raise InvalidEndpoint(
+            f"endpoint is too long ({len(text)} characters; at most {MAX_ENDPOINT_LENGTH})"
+        )
+    if not text:
+        raise InvalidEndpoint("endpoint must not be empty; expected host:port")
+    scheme = _SCHEME.match(text)
+    if scheme is not None:
+        bare = text[scheme.end() :].split("/", 1)[0]
+        raise InvalidEndpoint(
+            f"endpoint must not carry a scheme (got {_shown(text)}); use {_shown(bare)}"
+        )
+    for position, char in enumerate(text):
+        if char.isspace() or not char.isprintable():
+            raise InvalidEndpoint(
+                "endpoint must not contain whitespace or control characters "
+                f"(found {char!r} at position {position} in {_shown(text)})"
+            )
+    if "@" in text:
+        raise InvalidEndpoint(f"endpoint must not carry user-info (got {_shown(text)})")
+    if "/" in text:
+        raise InvalidEndpoint(f"endpoint must not carry a path (got {_shown(text)})")
+    if "?" in text or "#" in text:
+        raise InvalidEndpoint(f"endpoint must not carry a query or fragment (got {_shown(text)})")
+    _, port = _split_host_port(text)
+    _check_port(port, text)
+    return text
+
+
+def _split_host_port(text: str) -> tuple[str, str]:
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise InvalidEndpoint(
+                f"endpoint has an unclosed '[' (got {_shown(text)}); expected '[ipv6]:port'"
+            )
+        address, rest = text[1:close], text[close + 1 :]
+        if not rest.startswith(":"):
+            raise InvalidEndpoint(
+                f"endpoint is missing its port after ']' (got {_shown(text)}); "
+                "expected '[ipv6]:port'"
+            )
+        if "%" in address:
+            raise InvalidEndpoint(
+                f"endpoint must not carry an IPv6 zone identifier (got {_shown(text)})"
+            )
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise InvalidEndpoint(
+                f"endpoint has an invalid IPv6 address in brackets (got {_shown(text)})"
+            ) from None
+        return address, rest[1:]
+    if "]" in text:
+        raise InvalidEndpoint(f"endpoint has an unmatched ']' (got {_shown(text)})")
+    colons = text.count(":")
+    if colons == 0:
+        raise InvalidEndpoint(
+            f"endpoint is missing its port (got {_shown(text)}); expected host:port"
+        )
+    if colons > 1:
+        raise InvalidEndpoint(
+            f"an IPv6 endpoint must be bracketed (got {_shown(text)}); expected e.g. '[::1]:9000'"
+        )
+    host, port = text.split(":")
+    _check_host(host, text)
+    return host, port
+
+
+def _check_host(host: str, text: str) -> None:
+    if not host:
+        raise InvalidEndpoint(f"endpoint host must not be empty (got {_shown(text)})")
+    if _DOTTED_NUMERIC.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise InvalidEndpoint(
+                f"endpoint host is not a valid IPv4 address (got {_shown(text)})"
+            ) from None
+        return
+    if len(host) > _MAX_DNS_NAME:
+        raise InvalidEndpoint(
+            f"endpoint host is longer than {_MAX_DNS_NAME} characters (got {_shown(text)})"
+        )
+    for label in host.split("."):
+        if not _DNS_LABEL.fullmatch(label):
+            raise InvalidEndpoint(
+                "endpoint host must be a DNS name of labels of 1-63 letters, digits, "
+                f"'-' or '_', not starting or ending with '-' (got {_shown(text)})"
+            )
+
+
+def _check_port(port: str, text: str) -> None:
+    if not _PORT.fullmatch(port):
+        raise InvalidEndpoint(
+            f"endpoint port must be a decimal number 1-65535 (got {_shown(text)})"
+        )
+    if not 1 <= int(port) <= 65535:
+        raise InvalidEndpoint(
+            f"endpoint port must be in 1-65535 (got {int(port)} in {_shown(text)})"
+        )
+
+
+Endpoint = Annotated[str, Strict(), AfterValidator(parse_endpoint)]
+"""A scheme-less ``host:port`` string, validated by :func:`parse_endpoint`."""
+
+Epoch = Annotated[int, Strict(), Field(ge=0, lt=EPOCH_LIMIT)]
+"""An integer in ``[0, 2**128)``; strictly an ``int`` (no strings, floats or bools)."""
+
+
+def _check_epoch(epoch: int) -> int:
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise InvalidEpoch(f"epoch must be an int (got {type(epoch).__name__})")
+    if not 0 <= epoch < EPOCH_LIMIT:
+        raise InvalidEpoch(f"epoch must be in [0, 2**128) (got {epoch})")
+    return epoch
+
+
+def epoch_to_wire(epoch: int) -> tuple[int, int]:
+    """Split an epoch into unsigned 64-bit halves ``(hi, lo)``.
+
+    Tuple order of the halves equals numeric order of the epochs.
+    """
+    _check_epoch(epoch)
+    return epoch >> 64, epoch & (_HALF - 1)
+
+
+def epoch_from_wire(hi: int, lo: int) -> int:
+    """Join unsigned 64-bit halves back into the epoch they encode."""
+    for name, half in (("hi", hi), ("lo", lo)):
+        if isinstance(half, bool) or not isinstance(half, int):
+            raise InvalidEpoch(f"epoch half {name} must be an int (got {type(half).__name__})")
+        if not 0 <= half < _HALF:
+            raise InvalidEpoch(f"epoch half {name} must be in [0, 2**64) (got {half})")
+    return (hi << 64) | lo
+
+
+class _Value(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Leader(_Value):
+    """This node is the elected leader at ``epoch``."""
+
+    __match_args__ = ("epoch",)
+    kind: Literal["leader"] = Field(default="leader", repr=False)
+    epoch: Epoch
+
+
+class Follower(_Value):
+    """This node follows; the leader's endpoint and epoch, each when known.
+
+    ``leader_endpoint`` is refused at construction unless it is a scheme-less
+    ``host:port`` (see :func:`parse_endpoint`).
+    """
+
+    __match_args__ = ("leader_endpoint", "leader_epoch")
+    kind: Literal["follower"] = Field(default="follower", repr=False)
+    leader_endpoint: Endpoint | None = None
+    leader_epoch: Epoch | None = None
+
+
+class Unknown(_Value):
+    """No leader is currently known (election in progress, partition, ...)."""
+
+    __match_args__ = ()
+    kind: Literal["unknown"] = Field(default="unknown", repr=False)
+
+
+LeaderState = Annotated[Leader | Follower | Unknown, Field(discriminator="kind")]
+"""One of :class:`Leader`, :class:`Follower`, :class:`Unknown`."""
+
+_STATE_ADAPTER: TypeAdapter[Leader | Follower | Unknown] = TypeAdapter(LeaderState)
+
+
+def leader_state_from_json(text: str | bytes) -> Leader | Follower | Unknown:
+    """Parse the JSON form written by ``model_dump_json()``.
+
+    Raises ``pydantic.ValidationError`` for malformed JSON, an unknown
+    ``kind``, extra fields, or a field that breaks its rule.
+    """
+    return _STATE_ADAPTER.validate_json(text)
+
+
+def observed_epoch(state: Leader | Follower | Unknown) -> int | None:
+    """The epoch a state carries (``Leader.epoch`` or ``Follower.leader_epoch``)."""
+    if isinstance(state, Leader):
+        return state.epoch
+    if isinstance(state, Follower):
+        return state.leader_epoch
+    return None

@@ -1,0 +1,198 @@
+"""The guarded publisher of one node's leadership (DESIGN contracts 4-5).
+
+Every leadership value a driver produces goes through :class:`LeaderWatch`:
+equal values are suppressed, different values always reach every
+subscriber, and an epoch that would move backwards never reaches anyone.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict
+
+from leaderwatch.channel import ChannelClosed, WatchReceiver, WatchSender
+from leaderwatch.state import Follower, Leader, Unknown, observed_epoch
+
+__all__ = ["EpochRegression", "LeaderWatch", "LeaderWatchStats"]
+
+_log = structlog.get_logger("leaderwatch.watch")
+
+_STATE_TYPES = (Leader, Follower, Unknown)
+
+
+class EpochRegression(RuntimeError):
+    """A driver published an epoch below this node's high-water mark (strict mode).
+
+    By the time this is raised, ``Unknown()`` has been published in place of
+    the regressing state.
+    """
+
+    def __init__(self, node_id: str, high_water: int, state: Leader | Follower) -> None:
+        self.node_id = node_id
+        self.high_water = high_water
+        self.state = state
+        super().__init__(
+            f"node {node_id!r} published {state!r} below its epoch high-water mark "
+            f"{high_water}; this is a driver bug (epochs must never decrease), "
+            "Unknown() was published in its place"
+        )
+
+
+class LeaderWatchStats(BaseModel):
+    """Counts of what :meth:`LeaderWatch.publish` did, as a snapshot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    delivered: int
+    """Values that reached subscribers (substituted ``Unknown()`` included)."""
+    suppressed: int
+    """Values equal to the current one, which woke nobody."""
+    regressions: int
+    """Values refused because their epoch was below the high-water mark."""
+
+
+def _as_log(state: Leader | Follower | Unknown) -> dict[str, Any]:
+    return state.model_dump(mode="json")
+
+
+class LeaderWatch:
+    """One node's leadership, published to any number of subscribers.
+
+    Guarantees:
+
+    - Publishing a value equal to the current one wakes nobody; any
+      different value (same variant with another epoch or endpoint included)
+      reaches every subscriber.
+    - Across ``Leader.epoch`` and ``Follower.leader_epoch`` one high-water
+      mark is kept; a state below it is never delivered. ``Unknown()`` is
+      delivered in its place (a step-down is never hidden), the error is
+      logged as ``leader_state_epoch_regression`` and counted, and with
+      ``strict=True`` :class:`EpochRegression` is raised.
+    - A value published with no subscriber is stored for later ones.
+    """
+
+    __slots__ = (
+        "_delivered",
+        "_high_water",
+        "_node_id",
+        "_regressions",
+        "_sender",
+        "_strict",
+        "_suppressed",
+    )
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        initial: Leader | Follower | Unknown | None = None,
+        strict: bool = False,
+    ) -> None:
+        start = Unknown() if initial is None else initial
+        if not isinstance(start, _STATE_TYPES):
+            raise TypeError(f"initial must be a LeaderState (got {type(start).__name__})")
+        self._node_id = node_id
+        self._strict = strict
+        self._sender: WatchSender[Leader | Follower | Unknown] = WatchSender(start)
+        self._high_water = observed_epoch(start)
+        self._delivered = 0
+        self._suppressed = 0
+        self._regressions = 0
+
+    @property
+    def node_id(self) -> str:
+        """The node this watch speaks for (used in logs)."""
+        return self._node_id
+
+    @property
+    def current(self) -> Leader | Follower | Unknown:
+        """The value subscribers see now."""
+        return self._sender.borrow()
+
+    @property
+    def high_water(self) -> int | None:
+        """The highest epoch published so far, ``None`` if none was."""
+        return self._high_water
+
+    @property
+    def stats(self) -> LeaderWatchStats:
+        """Counts of delivered, suppressed and regressing publishes."""
+        return LeaderWatchStats(
+            delivered=self._delivered,
+            suppressed=self._suppressed,
+            regressions=self._regressions,
+        )
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._sender.is_closed
+
+    def subscribe(self) -> WatchReceiver[Leader | Follower | Unknown]:
+        """A new receiver; ``async for`` over it yields the current value first."""
+        return self._sender.subscribe()
+
+    def publish(self, state: Leader | Follower | Unknown) -> bool:
+        """Offer ``state``; return ``True`` iff it was delivered to subscribers.
+
+        ``False`` means it equalled the current value (suppressed) or its
+        epoch regressed (refused; ``Unknown()`` delivered instead). Raises
+        :class:`~leaderwatch.channel.ChannelClosed` after :meth:`close`.
+        """
+        if not isinstance(state, _STATE_TYPES):
+            raise TypeError(f"publish() takes a LeaderState (got {type(state).__name__})")
+        if self._sender.is_closed:
+            raise ChannelClosed(f"LeaderWatch for node {self._node_id!r} is closed")
+        if not isinstance(state, Unknown):
+            epoch = observed_epoch(state)
+            if epoch is not None:
+                high_water = self._high_water
+                if high_water is not None and epoch < high_water:
+                    self._refuse_regression(state, high_water)
+                    return False
+                self._high_water = epoch
+        return self._deliver(state)
+
+    def _deliver(self, state: Leader | Follower | Unknown) -> bool:
+        sender = self._sender
+        previous = sender.borrow()
+        if not sender.send_if_changed(state):
+            self._suppressed += 1
+            return False
+        self._delivered += 1
+        _log.info(
+            "leader_state_changed",
+            node_id=self._node_id,
+            **{"from": _as_log(previous), "to": _as_log(state)},
+        )
+        return True
+
+    def _refuse_regression(self, state: Leader | Follower, high_water: int) -> None:
+        self._regressions += 1
+        _log.error(
+            "leader_state_epoch_regression",
+            node_id=self._node_id,
+            high_water=high_water,
+            state=_as_log(state),
+        )
+        self._deliver(Unknown())
+        if self._strict:
+            raise EpochRegression(self._node_id, high_water, state)
+
+    def close(self) -> None:
+        """Close the channel; idempotent. Subscribers' iterations end after the final value."""
+        self._sender.close()
+
+    async def __aenter__(self) -> LeaderWatch:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
