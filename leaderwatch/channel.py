@@ -135,10 +135,16 @@ class WatchSender(Generic[T]):
         """The current value."""
         return self._shared.value
 
-    def subscribe(self) -> WatchReceiver[T]:
-        """A new receiver for which the current value counts as already seen."""
+    def subscribe(self, *, distinct: bool = False) -> WatchReceiver[T]:
+        """A new receiver for which the current value counts as already seen.
+
+        With ``distinct=True``, ``async for`` over the receiver never yields a
+        value equal to the one it yielded last (a late reader of ``A -> B -> A``
+        gets ``A`` once). Use it for immutable values only: a value mutated in
+        place always equals itself.
+        """
         shared = self._shared
-        return WatchReceiver(shared, shared.version)
+        return WatchReceiver(shared, shared.version, distinct)
 
     @property
     def receiver_count(self) -> int:
@@ -186,11 +192,12 @@ class WatchReceiver(Generic[T]):
     the sender closes.
     """
 
-    __slots__ = ("_open", "_seen", "_shared")
+    __slots__ = ("_distinct", "_open", "_seen", "_shared")
 
-    def __init__(self, shared: _Shared[T], seen: int) -> None:
+    def __init__(self, shared: _Shared[T], seen: int, distinct: bool = False) -> None:
         self._shared = shared
         self._seen = seen
+        self._distinct = distinct
         self._open = True
         shared.receivers += 1
 
@@ -258,8 +265,8 @@ class WatchReceiver(Generic[T]):
             await self.changed()
 
     def clone(self) -> WatchReceiver[T]:
-        """A new receiver that has seen exactly what this one has seen."""
-        return WatchReceiver(self._live(), self._seen)
+        """A new receiver that has seen exactly what this one has seen (``distinct`` too)."""
+        return WatchReceiver(self._live(), self._seen, self._distinct)
 
     def close(self) -> None:
         """Detach from the channel; idempotent. Pending and later waits raise ``ChannelClosed``."""
@@ -278,11 +285,12 @@ class WatchReceiver(Generic[T]):
 
 
 class _ReceiverIterator(Generic[T]):
-    __slots__ = ("_first", "_receiver")
+    __slots__ = ("_first", "_last", "_receiver")
 
     def __init__(self, receiver: WatchReceiver[T]) -> None:
         self._receiver = receiver
         self._first = True
+        self._last: T | None = None
 
     def __aiter__(self) -> _ReceiverIterator[T]:
         return self
@@ -292,12 +300,17 @@ class _ReceiverIterator(Generic[T]):
         if self._first:
             self._first = False
             await anyio.lowlevel.checkpoint()
-            return receiver.borrow_and_update()
-        try:
-            await receiver.changed()
-        except ChannelClosed:
-            raise StopAsyncIteration from None
-        return receiver.borrow()
+            value = self._last = receiver.borrow_and_update()
+            return value
+        while True:
+            try:
+                await receiver.changed()
+            except ChannelClosed:
+                raise StopAsyncIteration from None
+            value = receiver.borrow()
+            if not (receiver._distinct and value == self._last):
+                self._last = value
+                return value
 
 
 def watch_channel(initial: T) -> tuple[WatchSender[T], WatchReceiver[T]]:

@@ -132,8 +132,12 @@ class LeaderWatch:
         return self._sender.is_closed
 
     def subscribe(self) -> WatchReceiver[Leader | Follower | Unknown]:
-        """A new receiver; ``async for`` over it yields the current value first."""
-        return self._sender.subscribe()
+        """A new receiver; ``async for`` over it yields the current value first.
+
+        Iteration never yields two equal values in a row, even when a reader
+        falls behind a change and its reversal.
+        """
+        return self._sender.subscribe(distinct=True)
 
     def publish(self, state: Leader | Follower | Unknown) -> bool:
         """Offer ``state``; return ``True`` iff it was delivered to subscribers.

@@ -1,0 +1,260 @@
+"""LeaderState values, epochs and endpoints (DESIGN contracts 1-3)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from leaderwatch import (
+    Follower,
+    InvalidEndpoint,
+    InvalidEpoch,
+    Leader,
+    Unknown,
+    epoch_from_wire,
+    epoch_to_wire,
+    leader_state_from_json,
+    parse_endpoint,
+)
+
+EPOCHS = st.integers(min_value=0, max_value=2**128 - 1)
+
+
+def test_equality_compares_variant_and_every_field() -> None:
+    assert Leader(epoch=1) != Leader(epoch=2)
+    assert Leader(epoch=3) == Leader(epoch=3)
+    assert Follower(leader_endpoint="a:1", leader_epoch=4) != Follower(
+        leader_endpoint="a:1", leader_epoch=5
+    )
+    assert Follower(leader_endpoint="a:1", leader_epoch=4) != Follower(
+        leader_endpoint="b:1", leader_epoch=4
+    )
+    assert Follower() == Follower(leader_endpoint=None, leader_epoch=None)
+    assert Unknown() == Unknown()
+    assert Follower() != Unknown()
+    assert Leader(epoch=0) != Follower(leader_epoch=0)
+
+
+def test_values_are_immutable_and_hashable() -> None:
+    leader = Leader(epoch=7)
+    with pytest.raises(ValidationError):
+        leader.epoch = 8  # type: ignore[misc]
+    states = {Leader(epoch=7), Leader(epoch=7), Follower(), Follower(), Unknown()}
+    assert states == {Leader(epoch=7), Follower(), Unknown()}
+    assert hash(Follower(leader_endpoint="a:1", leader_epoch=2)) == hash(
+        Follower(leader_endpoint="a:1", leader_epoch=2)
+    )
+
+
+def describe(state: Leader | Follower | Unknown) -> str:
+    match state:
+        case Leader(epoch=epoch):
+            return f"leader@{epoch}"
+        case Follower(leader_endpoint=None):
+            return "follower of nobody known"
+        case Follower(leader_endpoint=endpoint, leader_epoch=epoch):
+            return f"follower of {endpoint}@{epoch}"
+        case Unknown():
+            return "unknown"
+    raise AssertionError("unreachable")
+
+
+def test_match_with_keyword_and_positional_patterns() -> None:
+    assert describe(Leader(epoch=7)) == "leader@7"
+    assert describe(Follower(leader_endpoint="10.0.0.7:50551", leader_epoch=7)) == (
+        "follower of 10.0.0.7:50551@7"
+    )
+    assert describe(Follower()) == "follower of nobody known"
+    assert describe(Unknown()) == "unknown"
+    match Leader(epoch=9):
+        case Leader(epoch):
+            assert epoch == 9
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        Leader(epoch=0),
+        Leader(epoch=2**128 - 1),
+        Follower(),
+        Follower(leader_endpoint="[2001:db8::1]:443", leader_epoch=2**64),
+        Follower(leader_endpoint="leader:9000"),
+        Unknown(),
+    ],
+)
+def test_json_round_trip_with_discriminator(state: Leader | Follower | Unknown) -> None:
+    text = state.model_dump_json()
+    assert '"kind"' in text
+    back = leader_state_from_json(text)
+    assert back == state
+    assert type(back) is type(state)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"kind": "candidate", "epoch": 1}',
+        '{"kind": "leader", "epoch": 1, "extra": true}',
+        '{"epoch": 1}',
+        '{"kind": "leader", "epoch": "1"}',
+        '{"kind": "leader", "epoch": -1}',
+        '{"kind": "follower", "leader_endpoint": "http://a:1"}',
+        "not json",
+    ],
+)
+def test_json_rejects_malformed(text: str) -> None:
+    with pytest.raises(ValidationError):
+        leader_state_from_json(text)
+
+
+@given(EPOCHS)
+def test_json_round_trip_any_epoch(epoch: int) -> None:
+    assert leader_state_from_json(Leader(epoch=epoch).model_dump_json()) == Leader(epoch=epoch)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**128, 1.0, "7", True])
+def test_epoch_out_of_range_or_wrong_type_fails_at_construction(bad: object) -> None:
+    with pytest.raises(ValidationError):
+        Leader(epoch=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        Follower(leader_epoch=bad)  # type: ignore[arg-type]
+
+
+@given(EPOCHS)
+def test_epoch_wire_round_trip(epoch: int) -> None:
+    hi, lo = epoch_to_wire(epoch)
+    assert 0 <= hi < 2**64
+    assert 0 <= lo < 2**64
+    assert epoch_from_wire(hi, lo) == epoch
+
+
+@given(EPOCHS, EPOCHS)
+def test_epoch_wire_order_equals_numeric_order(a: int, b: int) -> None:
+    assert (epoch_to_wire(a) < epoch_to_wire(b)) == (a < b)
+    assert (epoch_to_wire(a) == epoch_to_wire(b)) == (a == b)
+
+
+def test_epoch_wire_known_values() -> None:
+    assert epoch_to_wire(0) == (0, 0)
+    assert epoch_to_wire(2**64) == (1, 0)
+    assert epoch_to_wire(2**128 - 1) == (2**64 - 1, 2**64 - 1)
+
+
+@pytest.mark.parametrize("bad", [-1, 2**128, True])
+def test_epoch_to_wire_refuses_out_of_range(bad: int) -> None:
+    with pytest.raises(InvalidEpoch):
+        epoch_to_wire(bad)
+
+
+@pytest.mark.parametrize(("hi", "lo"), [(-1, 0), (0, -1), (2**64, 0), (0, 2**64)])
+def test_epoch_from_wire_refuses_out_of_range_halves(hi: int, lo: int) -> None:
+    with pytest.raises(InvalidEpoch):
+        epoch_from_wire(hi, lo)
+
+
+VALID_ENDPOINTS = [
+    "10.0.0.7:50551",
+    "leader:9000",
+    "tso-0.tso.default.svc.cluster.local:2379",
+    "my_service:80",
+    "[::1]:9000",
+    "[2001:db8::1]:443",
+    "a:1",
+    "a:65535",
+]
+
+
+@pytest.mark.parametrize("endpoint", VALID_ENDPOINTS)
+def test_valid_endpoints_pass_unchanged(endpoint: str) -> None:
+    assert parse_endpoint(endpoint) == endpoint
+    assert Follower(leader_endpoint=endpoint).leader_endpoint == endpoint
+
+
+INVALID_ENDPOINTS = [
+    ("http://a:1", "scheme"),
+    ("HTTPS://a:1", "scheme"),
+    ("grpc://leader:9000", "scheme"),
+    ("leader", "missing its port"),
+    ("leader:", "port"),
+    ("leader:0", "1-65535"),
+    ("leader:65536", "1-65535"),
+    ("leader:http", "decimal"),
+    ("leader:+80", "decimal"),
+    ("leader:-1", "decimal"),
+    (":9000", "host must not be empty"),
+    ("", "empty"),
+    ("leader:9000/path", "path"),
+    ("leader:9000?x=1", "query"),
+    ("leader:9000#frag", "fragment"),
+    ("user@leader:9000", "user-info"),
+    ("user:pw@leader:9000", "user-info"),
+    ("lead er:9000", "whitespace"),
+    (" leader:9000", "whitespace"),
+    ("leader:9000\t", "whitespace"),
+    ("leader:9000\r\n", "control"),
+    ("leader\x00:9000", "control"),
+    ("leader\x7f:9000", "control"),
+    ("::1:9000", "bracketed"),
+    ("2001:db8::1:443", "bracketed"),
+    ("[::1:9000", "unclosed"),
+    ("[::1]", "port"),
+    ("[::1]9000", "port"),
+    ("[not-an-ip]:9000", "IPv6"),
+    ("[fe80::1%eth0]:9000", "zone"),
+    ("::1]:9000", "']'"),
+    ("300.1.1.1:80", "IPv4"),
+    ("1.2.3:80", "IPv4"),
+    ("-leader:80", "DNS name"),
+    ("leader..local:80", "DNS name"),
+    ("héllo:80", "DNS name"),
+    ("a" * 64 + ":80", "DNS name"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "rule"), INVALID_ENDPOINTS)
+def test_invalid_endpoints_name_the_rule(endpoint: str, rule: str) -> None:
+    with pytest.raises(InvalidEndpoint, match=rule) as raised:
+        parse_endpoint(endpoint)
+    assert isinstance(raised.value, ValueError)
+
+
+def test_scheme_error_suggests_the_bare_endpoint() -> None:
+    with pytest.raises(InvalidEndpoint) as raised:
+        parse_endpoint("http://a:1")
+    assert str(raised.value) == "endpoint must not carry a scheme (got 'http://a:1'); use 'a:1'"
+
+
+@pytest.mark.parametrize("endpoint", ["https://a:1", "http://leader:9000", "leader"])
+def test_follower_refuses_bad_endpoint_at_construction(endpoint: str) -> None:
+    with pytest.raises(ValidationError, match="endpoint"):
+        Follower(leader_endpoint=endpoint)
+
+
+def test_endpoint_must_be_a_string() -> None:
+    with pytest.raises(InvalidEndpoint, match="string"):
+        parse_endpoint(9000)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        Follower(leader_endpoint=9000)  # type: ignore[arg-type]
+
+
+def test_huge_endpoint_fails_fast() -> None:
+    huge = "a" * (10 * 1024 * 1024) + ":80"
+    started = time.perf_counter()
+    with pytest.raises(InvalidEndpoint, match="too long"):
+        parse_endpoint(huge)
+    with pytest.raises(ValidationError, match="too long"):
+        Follower(leader_endpoint=huge)
+    # Generous bound: scanning 10 MB character by character would take far longer.
+    assert time.perf_counter() - started < 0.5
+
+
+def test_longest_dns_endpoint_is_accepted() -> None:
+    host = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(host) == 253
+    assert parse_endpoint(f"{host}:65535") == f"{host}:65535"
+    with pytest.raises(InvalidEndpoint):
+        parse_endpoint(f"{host}x:65535")
