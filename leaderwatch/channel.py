@@ -68,7 +68,8 @@ class WatchSender(Generic[T]):
     """The sending half: stores the current value and wakes waiting receivers.
 
     Sending on a closed sender raises :class:`ChannelClosed`. Used as an
-    async context manager, it closes on exit.
+    async context manager, it closes on exit; once garbage-collected, it
+    counts as closed.
     """
 
     __slots__ = ("_shared",)
@@ -171,6 +172,13 @@ class WatchSender(Generic[T]):
                 shared.no_receivers = anyio.Event()
             await shared.no_receivers.wait()
         await anyio.lowlevel.checkpoint()
+
+    def __del__(self) -> None:
+        # A sender that is gone can never send again: wake its receivers.
+        shared = getattr(self, "_shared", None)
+        if shared is not None and not shared.closed:
+            shared.closed = True
+            shared.notify()
 
     async def __aenter__(self) -> WatchSender[T]:
         return self

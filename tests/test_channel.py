@@ -398,3 +398,15 @@ async def test_distinct_iteration_skips_a_change_and_its_reversal() -> None:
     assert got["plain"] == ["a", "a", "c"]
     assert got["distinct"] == ["a", "c"]
     assert got["clone"] == ["a", "c"]
+
+
+async def test_dropping_the_sender_closes_the_channel() -> None:
+    tx, rx = watch_channel(0)
+    tx.send(1)
+    del tx
+    gc.collect()
+    with anyio.fail_after(1):
+        await rx.changed()
+    assert rx.borrow() == 1
+    with pytest.raises(ChannelClosed), anyio.fail_after(1):
+        await rx.changed()
