@@ -1,0 +1,61 @@
+"""Election drivers: where a node's leadership comes from.
+
+Every driver is an async context manager that owns its background tasks and
+exposes ``leadership()``, a receiver whose first value is immediate; see
+:class:`LeadershipDriver`. ``EtcdElectionDriver`` is imported on first use
+and needs the ``etcd`` extra (``pip install 'leaderwatch[etcd]'``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from leaderwatch.drivers._base import DriverBase, LeadershipDriver, LeadershipState
+from leaderwatch.drivers.local import (
+    ElectionStateCorrupt,
+    LocalElectionDriver,
+    LocalElectionError,
+    LocalEpochCounter,
+    LocalLeaderRecord,
+)
+from leaderwatch.drivers.manual import ManualDriver
+from leaderwatch.drivers.static import StaticDriver
+
+# EtcdElectionDriver is left out of __all__ so that ``import *`` works
+# without the etcd extra installed.
+__all__ = [
+    "DriverBase",
+    "ElectionStateCorrupt",
+    "LeadershipDriver",
+    "LeadershipState",
+    "LocalElectionDriver",
+    "LocalElectionError",
+    "LocalEpochCounter",
+    "LocalLeaderRecord",
+    "ManualDriver",
+    "StaticDriver",
+]
+
+_LAZY: dict[str, str] = {"EtcdElectionDriver": "leaderwatch.drivers.etcd"}
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(
+            f"{name} is unavailable ({error}); install its dependencies with "
+            "pip install 'leaderwatch[etcd]'",
+            name=error.name,
+        ) from error
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

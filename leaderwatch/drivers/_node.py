@@ -1,0 +1,148 @@
+"""Run one election node and report each leadership transition as a JSON line.
+
+``python -m leaderwatch.drivers._node local --directory D --endpoint host:port``
+
+Stdout carries only JSON lines, one per transition, each flushed::
+
+    {"node": ID, "pid": PID, "t": MONOTONIC_S, "wall": UNIX_S, "state": {...}}
+
+``t`` is ``time.monotonic()``, which on Linux is one clock for every process
+of the host, so other processes can compare it with their own readings.
+Logs go to stderr. SIGTERM or SIGINT makes the node resign and exit 0; the
+last line then carries ``Unknown``.
+
+Backends are subcommands: each is a :class:`NodeBackend` in ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
+
+import anyio
+import structlog
+
+from leaderwatch.drivers._base import DriverBase
+from leaderwatch.drivers.local import LocalElectionDriver
+
+__all__ = ["BACKENDS", "NodeBackend", "main"]
+
+
+@dataclass(frozen=True)
+class NodeBackend:
+    """A subcommand of the runner: its arguments and how to build its driver.
+
+    ``add_arguments`` receives the subcommand's parser (``--node-id`` is
+    already there); ``open_driver`` receives the parsed arguments and the
+    node id, and returns a driver not yet entered. Import optional client
+    libraries inside ``open_driver`` so other backends run without them.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    open_driver: Callable[[argparse.Namespace, str | None], DriverBase]
+
+
+def _local_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--directory", required=True, help="election directory shared by the nodes")
+    parser.add_argument("--endpoint", required=True, help="host:port this node advertises")
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.05, help="seconds between lock tries"
+    )
+
+
+def _local_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
+    return LocalElectionDriver(
+        args.directory,
+        node_endpoint=args.endpoint,
+        poll_interval=args.poll_interval,
+        node_id=node_id,
+    )
+
+
+BACKENDS: list[NodeBackend] = [
+    NodeBackend("local", "file-lock election on this host", _local_arguments, _local_driver),
+    # The etcd backend registers here as NodeBackend("etcd", ..., add_arguments, open_driver)
+    # with --endpoints, --election, --endpoint and --ttl.
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m leaderwatch.drivers._node",
+        description="Campaign in an election and print one JSON line per leadership transition.",
+    )
+    parser.add_argument(
+        "--backend", choices=("asyncio", "trio"), default="asyncio", help="anyio backend"
+    )
+    commands = parser.add_subparsers(dest="driver", required=True, metavar="DRIVER")
+    for backend in BACKENDS:
+        command = commands.add_parser(backend.name, help=backend.help)
+        command.add_argument("--node-id", default=None, help="name used in logs and output")
+        backend.add_arguments(command)
+        command.set_defaults(open_driver=backend.open_driver)
+    return parser
+
+
+def _emit(out: TextIO, node: str, state: dict[str, object]) -> None:
+    line = {
+        "node": node,
+        "pid": os.getpid(),
+        "t": time.monotonic(),
+        "wall": time.time(),
+        "state": state,
+    }
+    out.write(json.dumps(line, separators=(",", ":")) + "\n")
+    out.flush()
+
+
+async def _run(driver: DriverBase, out: TextIO) -> None:
+    receiver = driver.leadership()
+
+    async def report() -> None:
+        # Ends once the driver exited and its last value (Unknown) was written.
+        async for state in receiver:
+            _emit(out, driver.node_id, state.model_dump(mode="json"))
+
+    # Handle signals before the driver can win: a node that reported Leader resigns on SIGTERM.
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(report)
+            async with driver:
+                async for _ in signals:
+                    break
+
+
+def _errors(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _errors(inner)]
+    return [error]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a node until SIGTERM/SIGINT; returns the exit status."""
+    args = _parser().parse_args(argv)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    driver: DriverBase = args.open_driver(args, args.node_id)
+    try:
+        anyio.run(_run, driver, sys.stdout, backend=args.backend)
+    except Exception as error:
+        leaves = _errors(error)
+        if all(isinstance(leaf, BrokenPipeError) for leaf in leaves):
+            return 0
+        for leaf in leaves:
+            print(f"error: {type(leaf).__name__}: {leaf}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

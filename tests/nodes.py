@@ -1,0 +1,306 @@
+"""Spawn election node processes and watch what they report, with deadlines.
+
+Backend-agnostic: a node is any command that prints one JSON object per
+line, ``{"node", "pid", "t", "state"}`` as ``leaderwatch.drivers._node``
+does. Used by the multi-process tests and by ``benchmarks/failover.py``.
+
+    with NodeSet() as nodes:
+        a = nodes.spawn("local", "--directory", d, "--endpoint", "127.0.0.1:7001")
+        a.wait_for(lambda n: isinstance(n.state, Leader), timeout=10)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from leaderwatch.state import Follower, Leader, Unknown, leader_state_from_json, observed_epoch
+
+__all__ = [
+    "RUNNER",
+    "NodeProcess",
+    "NodeSet",
+    "NodeTimeout",
+    "Report",
+    "assert_epochs_never_decrease",
+    "assert_one_leader_per_epoch",
+]
+
+RUNNER: tuple[str, ...] = (sys.executable, "-m", "leaderwatch.drivers._node")
+"""The command prefix that starts ``leaderwatch.drivers._node``."""
+
+State = Leader | Follower | Unknown
+
+
+class NodeTimeout(AssertionError):
+    """A node did not reach the awaited condition before its deadline."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """One line a node printed: its state and when (``time.monotonic()``)."""
+
+    t: float
+    state: State
+    raw: dict[str, Any]
+
+
+class NodeProcess:
+    """One running node; its reports accumulate in :attr:`reports` as they arrive."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        env: dict[str, str] | None = None,
+        changed: threading.Condition | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.reports: list[Report] = []
+        self.stderr_lines: list[str] = []
+        self.bad_lines: list[str] = []
+        # Shared with a NodeSet so that one wait sees every node's reports.
+        self._changed = changed or threading.Condition()
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
+        )
+        self._readers = [
+            threading.Thread(target=self._read_stdout, daemon=True),
+            threading.Thread(target=self._read_stderr, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def __repr__(self) -> str:
+        return f"<NodeProcess {self.name} pid={self.pid} state={self.state!r}>"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def states(self) -> list[State]:
+        """Every state reported so far, in order."""
+        with self._changed:
+            return [report.state for report in self.reports]
+
+    @property
+    def state(self) -> State | None:
+        """The last state reported, ``None`` before the first."""
+        with self._changed:
+            return self.reports[-1].state if self.reports else None
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        """Every JSON line printed so far, as parsed."""
+        with self._changed:
+            return [report.raw for report in self.reports]
+
+    def _read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            try:
+                raw = json.loads(line)
+                report = Report(
+                    t=float(raw["t"]),
+                    state=leader_state_from_json(json.dumps(raw["state"])),
+                    raw=raw,
+                )
+            except (ValueError, KeyError, TypeError):
+                with self._changed:
+                    self.bad_lines.append(line)
+                continue
+            with self._changed:
+                self.reports.append(report)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.stderr_lines.append(line)
+
+    def wait_for(self, predicate: Callable[[NodeProcess], bool], *, timeout: float) -> None:
+        """Return once ``predicate(self)`` holds; raise :class:`NodeTimeout` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NodeTimeout(
+                        f"{self.name}: condition not met in {timeout}s; {self.describe()}"
+                    )
+                if self.process.poll() is not None and not self._readers[0].is_alive():
+                    if predicate(self):
+                        return
+                    raise NodeTimeout(
+                        f"{self.name} exited before the condition held; {self.describe()}"
+                    )
+                self._changed.wait(min(remaining, 0.1))
+
+    def wait_for_state(self, predicate: Callable[[State], bool], *, timeout: float) -> State:
+        """Wait until the last reported state satisfies ``predicate``; return it."""
+        self.wait_for(
+            lambda node: node.state is not None and predicate(node.state), timeout=timeout
+        )
+        state = self.state
+        assert state is not None
+        return state
+
+    def first_report_after(self, t: float, predicate: Callable[[State], bool]) -> Report | None:
+        """The first report at or after monotonic time ``t`` whose state satisfies ``predicate``."""
+        with self._changed:
+            return next((r for r in self.reports if r.t >= t and predicate(r.state)), None)
+
+    def describe(self) -> str:
+        with self._changed:
+            states = [r.state for r in self.reports[-5:]]
+            stderr = "".join(self.stderr_lines[-10:])
+        return (
+            f"returncode={self.process.poll()} last states={states!r} "
+            f"bad lines={self.bad_lines[-3:]!r} stderr tail:\n{stderr}"
+        )
+
+    def kill9(self) -> float:
+        """Send SIGKILL; return ``time.monotonic()`` just before sending it."""
+        sent = time.monotonic()
+        os.kill(self.pid, signal.SIGKILL)
+        return sent
+
+    def terminate(self) -> float:
+        """Send SIGTERM; return ``time.monotonic()`` just before sending it."""
+        sent = time.monotonic()
+        os.kill(self.pid, signal.SIGTERM)
+        return sent
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the process to exit and its output to be read; return its exit code."""
+        code = self.process.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return code
+
+    def stop(self) -> None:
+        """Kill the process if it still runs and reap it; idempotent."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for reader in self._readers:
+            reader.join(5)
+
+
+class NodeSet:
+    """Spawns nodes and, on exit (or :meth:`stop_all`), kills every one still running."""
+
+    def __init__(self, prefix: Sequence[str] = RUNNER) -> None:
+        self.prefix = tuple(prefix)
+        self.nodes: list[NodeProcess] = []
+        self._changed = threading.Condition()
+
+    def spawn(self, *args: str, name: str | None = None) -> NodeProcess:
+        """Start ``prefix + args`` (by default the leaderwatch node runner)."""
+        return self.spawn_command([*self.prefix, *args], name=name)
+
+    def spawn_command(self, argv: Sequence[str], *, name: str | None = None) -> NodeProcess:
+        """Start an arbitrary command that prints node reports."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        node = NodeProcess(
+            argv, name=name or f"node{len(self.nodes)}", env=env, changed=self._changed
+        )
+        self.nodes.append(node)
+        return node
+
+    def running(self) -> list[NodeProcess]:
+        return [node for node in self.nodes if node.process.poll() is None]
+
+    def leaders(self) -> list[NodeProcess]:
+        """Running nodes whose last report is ``Leader``."""
+        return [node for node in self.running() if isinstance(node.state, Leader)]
+
+    def wait_for(self, predicate: Callable[[NodeSet], bool], *, timeout: float) -> None:
+        """Return once ``predicate(self)`` holds; poll reports until ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not predicate(self):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    detail = "\n".join(f"{node.name}: {node.describe()}" for node in self.nodes)
+                    raise NodeTimeout(f"cluster condition not met in {timeout}s\n{detail}")
+                # Exits are not reported through the condition, hence the bounded wait.
+                self._changed.wait(min(remaining, 0.1))
+
+    def wait_stable(self, *, timeout: float) -> NodeProcess:
+        """Wait until one running node leads and every other follows it; return the leader."""
+
+        def stable(nodes: NodeSet) -> bool:
+            leaders = nodes.leaders()
+            if len(leaders) != 1:
+                return False
+            leader = leaders[0].state
+            assert isinstance(leader, Leader)
+            return all(
+                node in leaders
+                or (isinstance(node.state, Follower) and node.state.leader_epoch == leader.epoch)
+                for node in nodes.running()
+            )
+
+        self.wait_for(stable, timeout=timeout)
+        return self.leaders()[0]
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NodeSet:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_all()
+
+
+def assert_epochs_never_decrease(nodes: Sequence[NodeProcess]) -> None:
+    """Each node's reported epochs (Leader or Follower) never go down."""
+    for node in nodes:
+        high: int | None = None
+        for state in node.states:
+            epoch = observed_epoch(state)
+            if epoch is None:
+                continue
+            assert high is None or epoch >= high, f"{node.name} regressed: {node.states!r}"
+            high = epoch
+
+
+def assert_one_leader_per_epoch(nodes: Sequence[NodeProcess]) -> None:
+    """No two processes ever reported ``Leader`` at the same epoch."""
+    owners: dict[int, str] = {}
+    for node in nodes:
+        for state in node.states:
+            if isinstance(state, Leader):
+                owner = owners.setdefault(state.epoch, node.name)
+                assert owner == node.name, (
+                    f"{owner} and {node.name} both led at epoch {state.epoch}"
+                )

@@ -1,0 +1,172 @@
+"""StaticDriver and ManualDriver: the driver contract without an election."""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+import pytest
+
+import leaderwatch.drivers as drivers
+from leaderwatch.channel import ChannelClosed, WatchReceiver
+from leaderwatch.drivers import LeadershipDriver, ManualDriver, StaticDriver
+from leaderwatch.state import Follower, InvalidEndpoint, InvalidEpoch, Leader, Unknown
+
+State = Leader | Follower | Unknown
+
+
+async def collect(receiver: WatchReceiver[State], into: list[State]) -> None:
+    async for state in receiver:
+        into.append(state)
+
+
+async def first(receiver: WatchReceiver[State]) -> State:
+    async for state in receiver:
+        return state
+    raise AssertionError("the channel yielded nothing")
+
+
+@pytest.mark.anyio
+async def test_static_leads_at_its_epoch_immediately_and_unknown_after_exit() -> None:
+    driver = StaticDriver(epoch=7)
+    assert isinstance(driver, LeadershipDriver)
+    async with driver as entered:
+        assert entered is driver
+        with anyio.fail_after(1):
+            assert await first(driver.leadership()) == Leader(epoch=7)
+        receiver = driver.leadership()
+    assert driver.current == Unknown()
+    seen: list[State] = []
+    with anyio.fail_after(1):
+        await collect(receiver, seen)  # ends: the channel closed
+    assert seen == [Unknown()]
+
+
+@pytest.mark.anyio
+async def test_static_exit_ends_an_iteration_in_progress() -> None:
+    seen: list[State] = []
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as task_group, StaticDriver(epoch=3) as driver:
+            task_group.start_soon(collect, driver.leadership(), seen)
+            await anyio.wait_all_tasks_blocked()
+            assert seen == [Leader(epoch=3)]
+            # Leaving the task group requires collect() to have returned.
+    assert seen == [Leader(epoch=3), Unknown()]
+
+
+def test_static_refuses_bad_epochs() -> None:
+    with pytest.raises(InvalidEpoch):
+        StaticDriver(epoch=-1)
+    with pytest.raises(InvalidEpoch):
+        StaticDriver(epoch=2**128)
+
+
+@pytest.mark.anyio
+async def test_driver_is_entered_once() -> None:
+    driver = StaticDriver()
+    async with driver:
+        pass
+    with pytest.raises(RuntimeError, match="entered only once"):
+        async with driver:
+            pass
+
+
+@pytest.mark.anyio
+async def test_manual_first_value_is_unknown_then_every_transition_arrives() -> None:
+    seen: list[State] = []
+    async with ManualDriver() as driver, anyio.create_task_group() as task_group:
+        task_group.start_soon(collect, driver.leadership(), seen)
+        await anyio.wait_all_tasks_blocked()
+        assert seen == [Unknown()]
+        script: list[State] = [
+            Follower(leader_endpoint="10.0.0.7:9000", leader_epoch=4),
+            Follower(leader_endpoint="10.0.0.8:9000", leader_epoch=4),
+            Follower(leader_endpoint="10.0.0.8:9000", leader_epoch=5),
+            Leader(epoch=6),
+            Leader(epoch=7),
+            Unknown(),
+        ]
+        for state in script:
+            match state:
+                case Leader(epoch=epoch):
+                    assert driver.become_leader(epoch)
+                case Follower(leader_endpoint=endpoint, leader_epoch=epoch):
+                    assert driver.become_follower(endpoint, epoch)
+                case _:
+                    assert driver.become_unknown()
+            await anyio.wait_all_tasks_blocked()
+        assert seen == [Unknown(), *script]
+        task_group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_manual_suppresses_equal_values() -> None:
+    async with ManualDriver() as driver:
+        receiver = driver.leadership()
+        assert driver.become_leader(5)
+        assert receiver.has_changed()
+        receiver.borrow_and_update()
+        assert not driver.become_leader(5)
+        assert not receiver.has_changed()
+        assert driver.stats.suppressed == 1
+
+
+@pytest.mark.anyio
+async def test_manual_epoch_guard_turns_a_regression_into_unknown() -> None:
+    async with ManualDriver() as driver:
+        receiver = driver.leadership()
+        driver.become_leader(5)
+        assert not driver.become_leader(3)
+        assert receiver.borrow_and_update() == Unknown()
+        assert not driver.become_follower("10.0.0.1:1", 4)
+        assert driver.current == Unknown()
+        assert driver.become_follower("10.0.0.1:1", 5)
+        assert driver.become_follower("10.0.0.1:1", None)
+        assert driver.stats.regressions == 2
+
+
+@pytest.mark.anyio
+async def test_manual_refuses_bad_input_without_publishing() -> None:
+    async with ManualDriver() as driver:
+        with pytest.raises(InvalidEndpoint, match="scheme"):
+            driver.become_follower("http://10.0.0.7:9000", 3)
+        with pytest.raises(InvalidEpoch):
+            driver.become_leader(-1)
+        with pytest.raises(InvalidEpoch):
+            driver.become_follower("10.0.0.7:9000", 2**128)
+        assert driver.current == Unknown()
+        assert driver.stats.delivered == 0
+
+
+@pytest.mark.anyio
+async def test_manual_exit_closes_the_channel_and_later_calls_fail() -> None:
+    async with ManualDriver() as driver:
+        driver.become_leader(2)
+        receiver = driver.leadership()
+    await receiver.changed()  # the resignation is still delivered...
+    assert receiver.borrow() == Unknown()
+    with pytest.raises(ChannelClosed):
+        await receiver.changed()  # ...and then the channel is closed
+    with pytest.raises(ChannelClosed):
+        driver.become_leader(3)
+
+
+@pytest.mark.anyio
+async def test_body_error_propagates_unwrapped() -> None:
+    with pytest.raises(KeyError, match="body"):
+        async with ManualDriver():
+            raise KeyError("body")
+
+
+def test_etcd_driver_without_its_dependencies_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(drivers.__dict__, "EtcdElectionDriver", raising=False)
+    monkeypatch.setitem(sys.modules, "leaderwatch.drivers.etcd", None)
+    with pytest.raises(ImportError, match=r"pip install 'leaderwatch\[etcd\]'"):
+        _ = drivers.EtcdElectionDriver
+
+
+def test_unknown_driver_attribute_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="NoSuchDriver"):
+        _ = drivers.NoSuchDriver
