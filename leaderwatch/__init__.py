@@ -6,6 +6,18 @@ submodule (``leaderwatch.channel``, ``leaderwatch.redirect``,
 """
 
 from leaderwatch.channel import ChannelClosed, WatchReceiver, WatchSender, watch_channel
+from leaderwatch.serving import (
+    BaseLeadershipHandler,
+    LeadershipHandler,
+    LeadershipStreamClosed,
+    LeaderWatchTask,
+    LeaderWatchTaskStats,
+    NotServing,
+    RetryBackoff,
+    Serving,
+    ServingState,
+    TransientLeadershipError,
+)
 from leaderwatch.state import (
     Endpoint,
     Epoch,
@@ -23,6 +35,7 @@ from leaderwatch.state import (
 from leaderwatch.watch import EpochRegression, LeaderWatch, LeaderWatchStats
 
 __all__ = [
+    "BaseLeadershipHandler",
     "ChannelClosed",
     "Endpoint",
     "Epoch",
@@ -34,6 +47,15 @@ __all__ = [
     "LeaderState",
     "LeaderWatch",
     "LeaderWatchStats",
+    "LeaderWatchTask",
+    "LeaderWatchTaskStats",
+    "LeadershipHandler",
+    "LeadershipStreamClosed",
+    "NotServing",
+    "RetryBackoff",
+    "Serving",
+    "ServingState",
+    "TransientLeadershipError",
     "Unknown",
     "WatchReceiver",
     "WatchSender",

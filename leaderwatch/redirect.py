@@ -1,0 +1,70 @@
+"""What a request handler does on this node, read from the serving gate (DESIGN contract 9).
+
+:func:`decide` maps the current :class:`~leaderwatch.serving.Serving` /
+:class:`~leaderwatch.serving.NotServing` value to :class:`Serve`,
+:class:`Redirect` (with a :class:`LeaderHint` for the client) or
+:class:`NoLeaderYet` (retry with backoff). It never names this node in a hint.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import BaseModel, ConfigDict
+
+from leaderwatch.hint import LeaderHint, NoLeaderYet
+from leaderwatch.serving import NotServing, Serving
+from leaderwatch.state import Epoch, parse_endpoint
+
+__all__ = ["LeaderHint", "NoLeaderYet", "Redirect", "Serve", "decide"]
+
+
+class _Value(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Serve(_Value):
+    """Serve the request: this node leads at ``epoch`` and is fenced."""
+
+    __match_args__ = ("epoch",)
+    epoch: Epoch
+
+
+class Redirect(_Value):
+    """Refuse the request and send the client ``hint`` (another node leads)."""
+
+    __match_args__ = ("hint",)
+    hint: LeaderHint
+
+
+_checked_self_endpoint = lru_cache(maxsize=64)(parse_endpoint)
+
+
+def decide(
+    serving: Serving | NotServing, *, self_endpoint: str | None = None
+) -> Serve | Redirect | NoLeaderYet:
+    """The action for one request, given the gate value ``serving``.
+
+    - ``Serving(e)`` gives ``Serve(epoch=e)``.
+    - ``NotServing(ep, e)`` with an endpoint gives ``Redirect`` with
+      ``LeaderHint(leader_endpoint=ep, leader_epoch=e)``, unless ``ep`` is
+      ``self_endpoint`` (compared case-insensitively), which gives
+      ``NoLeaderYet(leader_epoch=e)``: never redirect to yourself.
+    - ``NotServing`` without an endpoint gives ``NoLeaderYet(leader_epoch=e)``.
+
+    ``self_endpoint`` must itself be a valid endpoint (raises
+    :class:`~leaderwatch.state.InvalidEndpoint` otherwise), so a typo cannot
+    silently let this node redirect to itself.
+    """
+    if self_endpoint is not None:
+        _checked_self_endpoint(self_endpoint)
+    match serving:
+        case Serving(epoch=epoch):
+            return Serve(epoch=epoch)
+        case NotServing(leader_endpoint=None, leader_epoch=epoch):
+            return NoLeaderYet(leader_epoch=epoch)
+        case NotServing(leader_endpoint=str() as endpoint, leader_epoch=epoch):
+            if self_endpoint is not None and endpoint.lower() == self_endpoint.lower():
+                return NoLeaderYet(leader_epoch=epoch)
+            return Redirect(hint=LeaderHint(leader_endpoint=endpoint, leader_epoch=epoch))
+    raise TypeError(f"decide() takes Serving or NotServing (got {type(serving).__name__})")

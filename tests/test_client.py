@@ -1,0 +1,536 @@
+"""LeaderCache: the client's cache rules, hint classification, worklist (DESIGN contract 10)."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from leaderwatch.client import (
+    REFUSAL_REASONS,
+    CachedLeader,
+    Follow,
+    LeaderCache,
+    NoLeaderYet,
+    Rejected,
+    Stale,
+)
+from leaderwatch.hint import LeaderHint, MalformedHint, hint_from_wire, parse_hint_headers
+from leaderwatch.state import InvalidEndpoint, InvalidEpoch
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGURED = ["a:1", "b:1", "c:1"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_cache(*, tls_required: bool = False, ttl: float = 30.0) -> tuple[LeaderCache, Clock]:
+    clock = Clock()
+    cache = LeaderCache(
+        CONFIGURED, tls_required=tls_required, ttl=ttl, clock=clock, rng=random.Random(0)
+    )
+    return cache, clock
+
+
+# --- the cache rules, one table row per rule --------------------------------------------------
+
+
+@dataclass
+class Rule:
+    """Steps are ("hint" | "success", endpoint, epoch, accepted?) or ("tick", seconds)."""
+
+    name: str
+    steps: list[tuple[object, ...]]
+    final: tuple[str, int | None] | None
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+RULES = [
+    Rule("no entry: a hint is accepted", [("hint", "x:1", None, True)], ("x:1", None)),
+    Rule("no entry: a success is accepted", [("success", "x:1", 3, True)], ("x:1", 3)),
+    Rule(
+        "expired entry: anything is accepted",
+        [("hint", "a:1", 9, True), ("tick", 30.5), ("hint", "x:1", 2, True)],
+        ("x:1", 2),
+    ),
+    Rule(
+        "expired entry: an epoch-less success is accepted",
+        [("hint", "a:1", 9, True), ("tick", 31), ("success", "x:1", None, True)],
+        ("x:1", None),
+    ),
+    Rule(
+        "an entry exactly ttl old is still fresh",
+        [("hint", "a:1", 9, True), ("tick", 30), ("hint", "x:1", 2, False)],
+        ("a:1", 9),
+        {"epoch_below_cached": 1},
+    ),
+    Rule(
+        "same endpoint: accepted, keeps the higher epoch",
+        [("hint", "a:1", 9, True), ("hint", "a:1", 4, True), ("success", "a:1", 2, True)],
+        ("a:1", 9),
+    ),
+    Rule(
+        "same endpoint: a higher epoch is taken",
+        [("hint", "a:1", 9, True), ("success", "a:1", 12, True)],
+        ("a:1", 12),
+    ),
+    Rule(
+        "same endpoint: a known epoch is never replaced by None",
+        [("hint", "a:1", 9, True), ("hint", "a:1", None, True), ("success", "a:1", None, True)],
+        ("a:1", 9),
+    ),
+    Rule(
+        "same endpoint: refreshes the age",
+        [
+            ("hint", "a:1", 9, True),
+            ("tick", 20),
+            ("success", "a:1", None, True),
+            ("tick", 20),
+            ("hint", "x:1", 3, False),
+        ],
+        ("a:1", 9),
+        {"epoch_below_cached": 1},
+    ),
+    Rule(
+        "different endpoint, both known: incoming >= cached wins",
+        [
+            ("hint", "a:1", 9, True),
+            ("hint", "b:1", 9, True),
+            ("hint", "c:1", 8, False),
+            ("success", "x:1", 10, True),
+            ("success", "a:1", 9, False),
+        ],
+        ("x:1", 10),
+        {"epoch_below_cached": 2},
+    ),
+    Rule(
+        "cached known, epoch-less hint: accepted for a configured endpoint",
+        [("hint", "a:1", 9, True), ("hint", "b:1", None, True)],
+        ("b:1", None),
+    ),
+    Rule(
+        "cached known, epoch-less hint: refused for an unconfigured endpoint",
+        [("hint", "a:1", 9, True), ("hint", "x:1", None, False), ("hint", "B:1", None, False)],
+        ("a:1", 9),
+        {"epochless_hint_to_unconfigured_endpoint": 2},
+    ),
+    Rule(
+        "cached known, epoch-less success: refused even for a configured endpoint",
+        [("hint", "a:1", 9, True), ("success", "b:1", None, False)],
+        ("a:1", 9),
+        {"epochless_success_over_known_epoch": 1},
+    ),
+    Rule(
+        "cached None: a hint is accepted",
+        [("hint", "a:1", None, True), ("hint", "x:1", None, True), ("hint", "y:1", 0, True)],
+        ("y:1", 0),
+    ),
+    Rule(
+        "cached None: a success from a different endpoint is refused",
+        [
+            ("hint", "a:1", None, True),
+            ("success", "b:1", 5, False),
+            ("success", "b:1", None, False),
+            ("success", "a:1", 5, True),
+        ],
+        ("a:1", 5),
+        {"success_to_other_endpoint_over_epochless": 2},
+    ),
+    Rule(
+        "floor: 7 -> epoch-less -> 4 is refused",
+        [
+            ("hint", "a:1", 7, True),
+            ("hint", "b:1", None, True),
+            ("hint", "c:1", 4, False),
+            ("hint", "b:1", 4, False),
+            ("hint", "c:1", 7, True),
+        ],
+        ("c:1", 7),
+        {"epoch_below_floor": 2},
+    ),
+    Rule(
+        "floor: survives an unconfigured epoch-less hint over an epoch-less entry",
+        [
+            ("hint", "a:1", 7, True),
+            ("hint", "b:1", None, True),
+            ("hint", "x:1", None, True),
+            ("hint", "y:1", 6, False),
+            ("hint", "y:1", 8, True),
+        ],
+        ("y:1", 8),
+        {"epoch_below_floor": 1},
+    ),
+    Rule(
+        "floor: only expiry resets it",
+        [
+            ("hint", "a:1", 7, True),
+            ("hint", "b:1", None, True),
+            ("tick", 31),
+            ("hint", "c:1", 4, True),
+            ("hint", "a:1", 5, True),
+        ],
+        ("a:1", 5),
+    ),
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[rule.name for rule in RULES])
+def test_cache_rule(rule: Rule) -> None:
+    cache, clock = make_cache()
+    for step in rule.steps:
+        if step[0] == "tick":
+            clock.now += float(step[1])  # type: ignore[arg-type]
+            continue
+        kind, endpoint, epoch, accepted = step
+        update = cache.compare_and_set_leader if kind == "hint" else cache.record_success
+        assert update(endpoint, epoch) is accepted, step  # type: ignore[arg-type]
+    assert cache.cached_leader == rule.final
+    assert cache.stats.refused == rule.refused
+
+
+def test_refusals_are_logged_with_a_stable_event_and_counted() -> None:
+    cache, _ = make_cache()
+    cache.compare_and_set_leader("a:1", 9)
+    with structlog.testing.capture_logs() as logs:
+        assert not cache.compare_and_set_leader("x:1", None)
+        assert not cache.record_success("b:1", 3)
+    assert [(e["event"], e["reason"], e["source"]) for e in logs] == [
+        ("leader_cache_update_refused", "epochless_hint_to_unconfigured_endpoint", "hint"),
+        ("leader_cache_update_refused", "epoch_below_cached", "success"),
+    ]
+    stats = cache.stats
+    assert stats.accepted == 1
+    assert sum(stats.refused.values()) == 2
+    assert set(stats.refused) <= set(REFUSAL_REASONS)
+
+
+def test_cached_leader_is_a_named_tuple_and_none_when_expired() -> None:
+    cache, clock = make_cache(ttl=5.0)
+    assert cache.cached_leader is None
+    cache.record_success("b:1", 4)
+    leader = cache.cached_leader
+    assert isinstance(leader, CachedLeader)
+    assert (leader.endpoint, leader.epoch) == ("b:1", 4)
+    clock.now += 5.5
+    assert cache.cached_leader is None
+
+
+def test_arguments_are_validated() -> None:
+    cache, _ = make_cache()
+    with pytest.raises(InvalidEndpoint, match="scheme"):
+        cache.compare_and_set_leader("http://a:1", 1)
+    with pytest.raises(InvalidEpoch):
+        cache.record_success("a:1", -1)
+    with pytest.raises(InvalidEpoch):
+        cache.compare_and_set_leader("a:1", True)
+    assert cache.cached_leader is None
+
+
+def test_construction_validates_configured_endpoints() -> None:
+    with pytest.raises(InvalidEndpoint, match="scheme"):
+        LeaderCache(["a:1", "https://b:1"])
+    with pytest.raises(InvalidEndpoint, match="port"):
+        LeaderCache(["a"])
+    with pytest.raises(TypeError, match="not a string"):
+        LeaderCache("a:1")
+    with pytest.raises(ValueError, match="at least one"):
+        LeaderCache([])
+    for ttl in (0, -1, math.nan):
+        with pytest.raises(ValueError, match="ttl"):
+            LeaderCache(["a:1"], ttl=ttl)
+    assert LeaderCache(["a:1", "b:1", "a:1"]).endpoints == ("a:1", "b:1")
+
+
+# --- plaintext downgrade and classify ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tls", "endpoint", "refused"),
+    [
+        (True, "http://a:1", True),
+        (True, "HTTP://a:1", True),
+        (True, "https://a:1", False),
+        (True, "a:1", False),
+        (False, "http://a:1", False),
+        (False, "https://a:1", False),
+    ],
+)
+def test_rejects_plaintext_hint(tls: bool, endpoint: str, refused: bool) -> None:
+    cache, _ = make_cache(tls_required=tls)
+    assert cache.rejects_plaintext_hint(endpoint) is refused
+
+
+def test_configured_endpoints_are_never_filtered() -> None:
+    cache, _ = make_cache(tls_required=True)
+    assert not any(cache.rejects_plaintext_hint(endpoint) for endpoint in cache.endpoints)
+    assert sorted(cache.worklist()) == sorted(CONFIGURED)
+
+
+CLASSIFY = [
+    # (tls, seed (endpoint, epoch) or None, hint, outcome, cached afterwards)
+    (False, None, None, NoLeaderYet(), None),
+    (False, ("a:1", 9), LeaderHint(leader_epoch=12), NoLeaderYet(leader_epoch=12), ("a:1", 9)),
+    (
+        False,
+        None,
+        LeaderHint(leader_endpoint="b:1", leader_epoch=5),
+        Follow(endpoint="b:1", epoch=5),
+        ("b:1", 5),
+    ),
+    (
+        False,
+        ("a:1", 9),
+        LeaderHint(leader_endpoint="a:1"),
+        Follow(endpoint="a:1", epoch=9),
+        ("a:1", 9),
+    ),
+    (
+        False,
+        ("a:1", 9),
+        LeaderHint(leader_endpoint="b:1", leader_epoch=3),
+        Stale(endpoint="b:1", epoch=3),
+        ("a:1", 9),
+    ),
+    (
+        True,
+        ("a:1", 9),
+        hint_from_wire("http://b:1", 12),
+        Rejected(reason="", rule="plaintext_downgrade"),
+        ("a:1", 9),
+    ),
+    (
+        True,
+        ("a:1", 9),
+        hint_from_wire("HTTP://b:1", 12),
+        Rejected(reason="", rule="plaintext_downgrade"),
+        ("a:1", 9),
+    ),
+    (True, None, hint_from_wire("https://b:1", 12), Follow(endpoint="b:1", epoch=12), ("b:1", 12)),
+    (False, None, hint_from_wire("http://b:1", 12), Follow(endpoint="b:1", epoch=12), ("b:1", 12)),
+    (
+        True,
+        None,
+        hint_from_wire("https://b:1/leader", 1),
+        Rejected(reason="", rule="endpoint_has_scheme"),
+        None,
+    ),
+    (
+        True,
+        None,
+        hint_from_wire("https://https://b:1", 1),
+        Rejected(reason="", rule="endpoint_has_scheme"),
+        None,
+    ),
+    (
+        True,
+        None,
+        hint_from_wire("ftp://b:1", 1),
+        Rejected(reason="", rule="endpoint_has_scheme"),
+        None,
+    ),
+    (
+        True,
+        ("a:1", 9),
+        hint_from_wire("https://b:1", 3),
+        Stale(endpoint="b:1", epoch=3),
+        ("a:1", 9),
+    ),
+    (
+        False,
+        None,
+        parse_hint_headers({"leader-endpoint": "b:1", "leader-epoch": "+5"}),
+        Rejected(reason="", rule="epoch_not_decimal"),
+        None,
+    ),
+    (
+        False,
+        None,
+        parse_hint_headers({"leader-endpoint": "b:1/x"}),
+        Rejected(reason="", rule="endpoint_invalid"),
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(("tls", "seed", "hint", "outcome", "cached"), CLASSIFY)
+def test_classify(
+    tls: bool,
+    seed: tuple[str, int] | None,
+    hint: LeaderHint | MalformedHint | None,
+    outcome: object,
+    cached: tuple[str, int | None] | None,
+) -> None:
+    cache, _ = make_cache(tls_required=tls)
+    if seed is not None:
+        cache.compare_and_set_leader(*seed)
+    result = cache.classify(hint)
+    if isinstance(outcome, Rejected):
+        assert isinstance(result, Rejected)
+        assert result.rule == outcome.rule
+        assert result.reason
+        assert cache.stats.rejected == {outcome.rule: 1}
+    else:
+        assert result == outcome
+    assert cache.cached_leader == cached
+
+
+def test_classify_counts_stripped_schemes_and_refuses_other_types() -> None:
+    cache, _ = make_cache(tls_required=True)
+    cache.classify(hint_from_wire("https://b:1", 1))
+    assert cache.stats.schemes_stripped == 1
+    with pytest.raises(TypeError, match="LeaderHint"):
+        cache.classify("b:1")  # type: ignore[arg-type]
+
+
+def test_downgrade_is_logged_as_a_warning() -> None:
+    cache, _ = make_cache(tls_required=True)
+    with structlog.testing.capture_logs() as logs:
+        cache.classify(hint_from_wire("http://b:1", 1))
+    assert [(e["event"], e["rule"], e["log_level"]) for e in logs] == [
+        ("leader_hint_rejected", "plaintext_downgrade", "warning")
+    ]
+
+
+# --- worklist ---------------------------------------------------------------------------------
+
+
+def test_worklist_round_robins_configured_endpoints_without_duplicates() -> None:
+    cache, _ = make_cache()
+    lists = [cache.worklist() for _ in range(6)]
+    for worklist in lists:
+        assert sorted(worklist) == sorted(CONFIGURED)
+    firsts = [worklist[0] for worklist in lists]
+    assert sorted(firsts[:3]) == sorted(CONFIGURED)
+    assert firsts[:3] == firsts[3:]
+    for worklist in lists:
+        start = CONFIGURED.index(worklist[0])
+        assert worklist == CONFIGURED[start:] + CONFIGURED[:start]
+
+
+def test_worklist_starts_at_a_random_offset() -> None:
+    firsts = {LeaderCache(CONFIGURED, rng=random.Random(seed)).worklist()[0] for seed in range(40)}
+    assert firsts == set(CONFIGURED)
+
+
+@pytest.mark.parametrize("leader", ["b:1", "x:1"])
+def test_worklist_puts_the_fresh_cached_leader_first(leader: str) -> None:
+    cache, clock = make_cache()
+    cache.compare_and_set_leader(leader, 3)
+    worklist = cache.worklist()
+    assert worklist[0] == leader
+    assert len(worklist) == len(set(worklist)) == len(set(CONFIGURED) | {leader})
+    clock.now += 31
+    assert cache.worklist()[0] != leader or leader in CONFIGURED
+    assert sorted(cache.worklist()) == sorted(CONFIGURED)
+
+
+# --- properties -------------------------------------------------------------------------------
+
+ENDPOINTS = st.sampled_from([*CONFIGURED, "x:1", "y:1"])
+EPOCHS = st.none() | st.integers(min_value=0, max_value=12)
+OPERATIONS = st.lists(
+    st.tuples(st.sampled_from(["hint", "success", "classify"]), ENDPOINTS, EPOCHS), max_size=40
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(OPERATIONS, st.booleans())
+def test_cache_never_moves_below_an_epoch_it_held(
+    operations: list[tuple[str, str, int | None]], tls: bool
+) -> None:
+    cache = LeaderCache(CONFIGURED, tls_required=tls, ttl=math.inf, clock=lambda: 0.0)
+    held: int | None = None
+    for kind, endpoint, epoch in operations:
+        if kind == "hint":
+            cache.compare_and_set_leader(endpoint, epoch)
+        elif kind == "success":
+            cache.record_success(endpoint, epoch)
+        else:
+            cache.classify(
+                parse_hint_headers(
+                    LeaderHint(leader_endpoint=endpoint, leader_epoch=epoch).to_headers()
+                )
+            )
+        leader = cache.cached_leader
+        assert leader is not None
+        if leader.epoch is not None:
+            assert held is None or leader.epoch >= held, (leader, held)
+            held = leader.epoch
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(ENDPOINTS, st.integers(min_value=0, max_value=2**128 - 1)),
+        min_size=1,
+        max_size=12,
+    ).flatmap(lambda hints: st.tuples(st.just(hints), st.permutations(hints)))
+)
+def test_any_order_of_the_same_epoch_hints_ends_at_the_highest(
+    orders: tuple[list[tuple[str, int]], list[tuple[str, int]]],
+) -> None:
+    highest = max(epoch for _, epoch in orders[0])
+    for order in orders:
+        cache = LeaderCache(CONFIGURED, ttl=math.inf, clock=lambda: 0.0)
+        for endpoint, epoch in order:
+            cache.compare_and_set_leader(endpoint, epoch)
+        leader = cache.cached_leader
+        assert leader is not None
+        assert leader.epoch == highest
+        assert (leader.endpoint, highest) in order
+
+
+def test_concurrent_updates_are_atomic() -> None:
+    cache = LeaderCache(CONFIGURED, ttl=math.inf)
+    rng = random.Random(7)
+    batches = [
+        [(rng.choice(CONFIGURED), rng.randrange(1000)) for _ in range(300)] for _ in range(8)
+    ]
+    start = threading.Barrier(len(batches))
+
+    def offer(batch: list[tuple[str, int]]) -> None:
+        start.wait()
+        for endpoint, epoch in batch:
+            cache.compare_and_set_leader(endpoint, epoch)
+            cache.record_success(endpoint, epoch)
+
+    threads = [threading.Thread(target=offer, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    leader = cache.cached_leader
+    assert leader is not None
+    assert leader.epoch == max(epoch for batch in batches for _, epoch in batch)
+    stats = cache.stats
+    assert stats.accepted + sum(stats.refused.values()) == 2 * 300 * len(batches)
+
+
+# --- docs ------------------------------------------------------------------------------------
+
+
+def test_docs_page_names_every_refusal_reason_and_event() -> None:
+    from leaderwatch.serving import EVENT_NAMES
+
+    page = (ROOT / "docs" / "serving-and-redirects.md").read_text()
+    for name in (
+        *REFUSAL_REASONS,
+        *EVENT_NAMES,
+        "leader_cache_update_refused",
+        "leader_hint_rejected",
+        "plaintext_downgrade",
+    ):
+        assert f"`{name}`" in page, name
