@@ -1,0 +1,5 @@
+import sys
+
+from leaderwatch.cli import main
+
+sys.exit(main())
