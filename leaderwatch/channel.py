@@ -51,12 +51,6 @@ class _Shared(Generic[T]):
             self.waiters = None
             waiters.set()
 
-    def waiters_event(self) -> anyio.Event:
-        waiters = self.waiters
-        if waiters is None:
-            waiters = self.waiters = anyio.Event()
-        return waiters
-
     def detach_receiver(self) -> None:
         self.receivers -= 1
         if self.receivers == 0 and self.no_receivers is not None:
@@ -249,11 +243,17 @@ class WatchReceiver(Generic[T]):
         otherwise raises :class:`ChannelClosed` once the sender closed.
         Cancelling the wait leaves the newest value unseen.
         """
-        shared = self._live()
+        # Checks inlined: this runs once per waiting receiver on every send.
+        if not self._open:
+            raise ChannelClosed("this receiver was closed")
+        shared = self._shared
         while self._seen == shared.version:
             if shared.closed:
                 raise ChannelClosed("the watch channel's sender is closed")
-            await shared.waiters_event().wait()
+            waiters = shared.waiters
+            if waiters is None:
+                waiters = shared.waiters = anyio.Event()
+            await waiters.wait()
             if not self._open:
                 raise ChannelClosed("this receiver was closed")
         self._seen = shared.version

@@ -1,6 +1,7 @@
 """Run one election node and report each leadership transition as a JSON line.
 
 ``python -m leaderwatch.drivers._node local --directory D --endpoint host:port``
+``python -m leaderwatch.drivers._node etcd --endpoints H:P --election NAME [--endpoint host:port]``
 
 Stdout carries only JSON lines, one per transition, each flushed::
 
@@ -68,10 +69,45 @@ def _local_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
     )
 
 
+def _etcd_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoints", required=True, help="etcd host:port list, comma-separated, tried in order"
+    )
+    parser.add_argument("--election", required=True, help="election name (key prefix)")
+    parser.add_argument(
+        "--endpoint", default=None, help="host:port this node advertises; omit to only observe"
+    )
+    parser.add_argument("--ttl", type=int, default=10, help="lease time-to-live in seconds")
+    parser.add_argument(
+        "--margin", type=float, default=None, help="step down this long before ttl (seconds)"
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=5.0, help="start-up connection deadline (s)"
+    )
+
+
+def _etcd_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
+    from leaderwatch.drivers.etcd import EtcdElectionDriver
+
+    return EtcdElectionDriver(
+        args.endpoints,
+        election=args.election,
+        node_endpoint=args.endpoint,
+        ttl=args.ttl,
+        margin=args.margin,
+        connect_timeout=args.connect_timeout,
+        node_id=node_id,
+    )
+
+
 BACKENDS: list[NodeBackend] = [
     NodeBackend("local", "file-lock election on this host", _local_arguments, _local_driver),
-    # The etcd backend registers here as NodeBackend("etcd", ..., add_arguments, open_driver)
-    # with --endpoints, --election, --endpoint and --ttl.
+    NodeBackend(
+        "etcd",
+        "election on an etcd v3 cluster (needs the etcd extra; asyncio backend only)",
+        _etcd_arguments,
+        _etcd_driver,
+    ),
 ]
 
 

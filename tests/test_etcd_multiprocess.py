@@ -1,0 +1,150 @@
+"""Three ``python -m leaderwatch.drivers._node etcd`` processes on a real etcd server."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from etcd_server import EtcdNotFound, EtcdServer, etcd_server, find_etcd
+from nodes import (
+    NodeProcess,
+    NodeSet,
+    assert_epochs_never_decrease,
+    assert_one_leader_per_epoch,
+)
+
+from leaderwatch.state import Follower, Leader, Unknown
+
+TTL = 2
+PROOF = TTL - 0.5  # ttl - default margin
+SLACK = 0.3  # three processes and etcd on a loaded 2-core runner
+STARTUP = 20.0
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    try:
+        find_etcd()
+    except EtcdNotFound as error:
+        pytest.fail(f"these tests need a real etcd server: {error}")
+    with etcd_server() as server:
+        yield server
+
+
+@pytest.fixture
+def cluster() -> Iterator[NodeSet]:
+    with NodeSet() as nodes:
+        yield nodes
+        assert_epochs_never_decrease(nodes.nodes)
+        assert_one_leader_per_epoch(nodes.nodes)
+
+
+def spawn(cluster: NodeSet, etcd: EtcdServer, election: str, index: int, ttl: int) -> NodeProcess:
+    return cluster.spawn(
+        "etcd",
+        "--endpoints",
+        etcd.endpoint,
+        "--election",
+        election,
+        "--endpoint",
+        f"127.0.0.1:{7300 + index}",
+        "--ttl",
+        str(ttl),
+        name=f"node{index}",
+    )
+
+
+def group(cluster: NodeSet, etcd: EtcdServer, ttl: int) -> tuple[NodeProcess, int]:
+    """Start three candidates; return the leader once the group is stable, and its epoch."""
+    election = f"mp-{uuid.uuid4().hex[:10]}"
+    for index in range(3):
+        spawn(cluster, etcd, election, index, ttl)
+    leader = cluster.wait_stable(timeout=STARTUP)
+    state = leader.state
+    assert isinstance(state, Leader)
+    return leader, state.epoch
+
+
+def successor_after(cluster: NodeSet, old: NodeProcess, sent: float, epoch: int) -> float:
+    """Wait for another node to lead above ``epoch``; return when it said so."""
+
+    def higher(state: object) -> bool:
+        return isinstance(state, Leader) and state.epoch > epoch
+
+    def taken_over(nodes: NodeSet) -> bool:
+        return any(
+            node.first_report_after(sent, higher) is not None
+            for node in nodes.nodes
+            if node is not old
+        )
+
+    cluster.wait_for(taken_over, timeout=TTL + 10)
+    reports = [
+        report
+        for node in cluster.nodes
+        if node is not old and (report := node.first_report_after(sent, higher)) is not None
+    ]
+    assert len(reports) == 1, "more than one successor"
+    return reports[0].t
+
+
+def test_kill9_of_the_leader_elects_a_successor_with_a_higher_epoch(
+    etcd: EtcdServer, cluster: NodeSet
+) -> None:
+    leader, epoch = group(cluster, etcd, TTL)
+    sent = leader.kill9()
+    took_over = successor_after(cluster, leader, sent, epoch)
+    # The dead leader's key goes when etcd expires its lease: ttl after its last keep-alive.
+    assert took_over - sent <= TTL + 1.0
+    new = cluster.wait_stable(timeout=5)
+    assert new is not leader
+
+
+def test_graceful_exit_of_the_leader_hands_over_without_waiting_for_the_lease(
+    etcd: EtcdServer, cluster: NodeSet
+) -> None:
+    leader, epoch = group(cluster, etcd, ttl=30)
+    sent = leader.terminate()
+    took_over = successor_after(cluster, leader, sent, epoch)
+    assert took_over - sent < 1.0  # against a 30 s lease: the leader resigned
+    assert leader.wait_exit(5) == 0
+    assert leader.state == Unknown()
+    new = cluster.wait_stable(timeout=5)
+    state = new.state
+    assert isinstance(state, Leader)
+    for node in cluster.running():
+        assert node is new or node.state == Follower(
+            leader_endpoint=new.argv[new.argv.index("--endpoint") + 1], leader_epoch=state.epoch
+        )
+
+
+def test_frozen_etcd_makes_the_leader_step_down_then_the_group_converges(
+    etcd: EtcdServer, cluster: NodeSet
+) -> None:
+    leader, epoch = group(cluster, etcd, TTL)
+    paused = etcd.pause()
+    try:
+        for node in cluster.nodes:
+            node.wait_for_state(lambda state: state == Unknown(), timeout=PROOF + 2)
+        stepped_down = leader.first_report_after(paused, lambda state: state == Unknown())
+        assert stepped_down is not None
+        # The last acknowledged keep-alive was sent before the freeze, so the
+        # leader must have stepped down within ttl - margin of the freeze.
+        assert stepped_down.t - paused <= PROOF + SLACK
+        # Stay frozen past every lease's expiry.
+        time.sleep(max(0.0, paused + TTL + 0.5 - time.monotonic()))
+    finally:
+        resumed = etcd.resume()
+    new = cluster.wait_stable(timeout=15)
+    state = new.state
+    assert isinstance(state, Leader)
+    assert state.epoch > epoch
+    for node in cluster.nodes:
+        frozen_leads = [
+            report
+            for report in node.reports
+            if paused + PROOF + SLACK < report.t < resumed and isinstance(report.state, Leader)
+        ]
+        assert frozen_leads == [], f"{node.name} led while etcd was frozen"
