@@ -170,3 +170,14 @@ def test_etcd_driver_without_its_dependencies_says_what_to_install(
 def test_unknown_driver_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="NoSuchDriver"):
         _ = drivers.NoSuchDriver
+
+
+def test_etcd_driver_under_trio_gets_a_clear_error() -> None:
+    from leaderwatch.drivers.etcd import EtcdElectionDriver, EtcdElectionError
+
+    async def enter() -> None:
+        async with EtcdElectionDriver("127.0.0.1:2379", election="e"):
+            pass
+
+    with pytest.raises(EtcdElectionError, match="asyncio backend"):
+        anyio.run(enter, backend="trio")
