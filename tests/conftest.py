@@ -1,10 +1,28 @@
-"""Shared test configuration: every anyio test runs on asyncio and on trio."""
+"""Shared test configuration.
+
+Every anyio test runs on asyncio and on trio unless its module says
+otherwise. The etcd tests share one real etcd server per session; a missing
+etcd binary fails them, it never skips them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from etcd_server import EtcdNotFound, EtcdServer, etcd_server, find_etcd
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EtcdServer]:
+    try:
+        find_etcd()
+    except EtcdNotFound as error:
+        pytest.fail(f"these tests need a real etcd server: {error}")
+    with etcd_server() as server:
+        yield server

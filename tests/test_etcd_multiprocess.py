@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from etcd_server import EtcdNotFound, EtcdServer, etcd_server, find_etcd
+from etcd_server import EtcdServer
 from nodes import (
     NodeProcess,
     NodeSet,
@@ -21,16 +21,6 @@ TTL = 2
 PROOF = TTL - 0.5  # ttl - default margin
 SLACK = 0.3  # three processes and etcd on a loaded 2-core runner
 STARTUP = 20.0
-
-
-@pytest.fixture(scope="module")
-def etcd() -> Iterator[EtcdServer]:
-    try:
-        find_etcd()
-    except EtcdNotFound as error:
-        pytest.fail(f"these tests need a real etcd server: {error}")
-    with etcd_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -119,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend", choices=("asyncio", "trio"), default="asyncio", help="anyio backend"
     )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="library log events at this level and above go to stderr as JSON lines",
+    )
     commands = parser.add_subparsers(dest="driver", required=True, metavar="DRIVER")
     for backend in BACKENDS:
         command = commands.add_parser(backend.name, help=backend.help)
@@ -166,7 +173,18 @@ def _errors(error: BaseException) -> list[BaseException]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node until SIGTERM/SIGINT; returns the exit status."""
     args = _parser().parse_args(argv)
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[args.log_level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
     driver: DriverBase = args.open_driver(args, args.node_id)
     try:
         anyio.run(_run, driver, sys.stdout, backend=args.backend)
