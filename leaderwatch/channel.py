@@ -33,7 +33,15 @@ class ChannelClosed(Exception):
 
 
 class _Shared(Generic[T]):
-    __slots__ = ("closed", "no_receivers", "receivers", "value", "version", "waiters")
+    __slots__ = (
+        "closed",
+        "no_receivers",
+        "receivers",
+        "value",
+        "version",
+        "waiters",
+        "waiting",
+    )
 
     def __init__(self, value: T) -> None:
         self.value = value
@@ -43,6 +51,7 @@ class _Shared(Generic[T]):
         # Created lazily by the first waiter, so sends with nobody waiting
         # allocate nothing and channels can be built outside an event loop.
         self.waiters: anyio.Event | None = None
+        self.waiting = 0
         self.no_receivers: anyio.Event | None = None
 
     def notify(self) -> None:
@@ -253,7 +262,15 @@ class WatchReceiver(Generic[T]):
             waiters = shared.waiters
             if waiters is None:
                 waiters = shared.waiters = anyio.Event()
-            await waiters.wait()
+            shared.waiting += 1
+            try:
+                await waiters.wait()
+            finally:
+                shared.waiting -= 1
+                # The last waiter to leave an unset event (cancelled) drops it:
+                # an event belongs to one event loop, the channel may outlive it.
+                if shared.waiting == 0 and shared.waiters is waiters:
+                    shared.waiters = None
             if not self._open:
                 raise ChannelClosed("this receiver was closed")
         self._seen = shared.version

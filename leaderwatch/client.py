@@ -148,8 +148,9 @@ class LeaderCache:
       incoming >= cached;
     - cached epoch known, incoming ``None``: a hint is accepted only for an
       endpoint in ``endpoints`` (exact match); a success report is not;
-    - cached epoch ``None``: a hint is accepted, a success report from a
-      different endpoint is not;
+    - cached epoch ``None``: a hint is accepted (an epoch-less one only for
+      an endpoint in ``endpoints``), a success report from a different
+      endpoint is not;
     - always: an incoming known epoch below the floor (the highest epoch
       accepted since the last expiry) is refused.
 
@@ -305,10 +306,11 @@ class LeaderCache:
                 return None if epoch >= entry.epoch else "epoch_below_cached"
             if not hint:
                 return "epochless_success_over_known_epoch"
-            if endpoint in self._configured:
-                return None
+        if not hint:
+            return "success_to_other_endpoint_over_epochless"
+        if epoch is None and endpoint not in self._configured:
             return "epochless_hint_to_unconfigured_endpoint"
-        return None if hint else "success_to_other_endpoint_over_epochless"
+        return None
 
     def rejects_plaintext_hint(self, endpoint: str) -> bool:
         """Whether a wire hint's endpoint is refused as a transport downgrade.

@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 from pydantic import BaseModel, ConfigDict
 
 from leaderwatch.hint import LeaderHint, NoLeaderYet
 from leaderwatch.serving import NotServing, Serving
-from leaderwatch.state import Epoch, parse_endpoint
+from leaderwatch.state import Epoch, parse_endpoint, same_endpoint
 
 __all__ = ["LeaderHint", "NoLeaderYet", "Redirect", "Serve", "decide"]
 
@@ -37,9 +35,6 @@ class Redirect(_Value):
     hint: LeaderHint
 
 
-_checked_self_endpoint = lru_cache(maxsize=64)(parse_endpoint)
-
-
 def decide(
     serving: Serving | NotServing, *, self_endpoint: str | None = None
 ) -> Serve | Redirect | NoLeaderYet:
@@ -48,7 +43,8 @@ def decide(
     - ``Serving(e)`` gives ``Serve(epoch=e)``.
     - ``NotServing(ep, e)`` with an endpoint gives ``Redirect`` with
       ``LeaderHint(leader_endpoint=ep, leader_epoch=e)``, unless ``ep`` is
-      ``self_endpoint`` (compared case-insensitively), which gives
+      ``self_endpoint`` (the same host and port however spelled: DNS names
+      case-insensitively, IPv6 addresses by value), which gives
       ``NoLeaderYet(leader_epoch=e)``: never redirect to yourself.
     - ``NotServing`` without an endpoint gives ``NoLeaderYet(leader_epoch=e)``.
 
@@ -57,14 +53,14 @@ def decide(
     silently let this node redirect to itself.
     """
     if self_endpoint is not None:
-        _checked_self_endpoint(self_endpoint)
+        parse_endpoint(self_endpoint)
     match serving:
         case Serving(epoch=epoch):
             return Serve(epoch=epoch)
         case NotServing(leader_endpoint=None, leader_epoch=epoch):
             return NoLeaderYet(leader_epoch=epoch)
         case NotServing(leader_endpoint=str() as endpoint, leader_epoch=epoch):
-            if self_endpoint is not None and endpoint.lower() == self_endpoint.lower():
+            if self_endpoint is not None and same_endpoint(endpoint, self_endpoint):
                 return NoLeaderYet(leader_epoch=epoch)
             return Redirect(hint=LeaderHint(leader_endpoint=endpoint, leader_epoch=epoch))
     raise TypeError(f"decide() takes Serving or NotServing (got {type(serving).__name__})")

@@ -10,6 +10,7 @@ node still leads at that epoch.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -227,12 +228,17 @@ class LeaderWatchTask:
                 f"leadership must be a WatchReceiver (got {type(leadership).__name__}); "
                 "use LeaderWatch.subscribe() or a driver's leadership()"
             )
-        if not isinstance(handler, LeadershipHandler):
+        if not isinstance(handler, LeadershipHandler) or not all(
+            inspect.iscoroutinefunction(getattr(handler, name))
+            for name in ("on_leader", "on_follower", "on_unknown")
+        ):
             raise TypeError(
-                f"handler must implement on_leader, on_follower and on_unknown "
+                "handler must implement async on_leader, on_follower and on_unknown "
                 f"(got {type(handler).__name__}); subclass BaseLeadershipHandler"
             )
-        self._leadership = leadership
+        # The task owns its receiver: a caller still using the one it passed
+        # in must not be able to mark a transition seen before the task does.
+        self._leadership = leadership.clone()
         self._handler = handler
         self._backoff = RetryBackoff() if retry_backoff is None else retry_backoff
         self._clock = clock
@@ -251,6 +257,32 @@ class LeaderWatchTask:
     def serving(self) -> WatchReceiver[Serving | NotServing]:
         """A new receiver of the serving gate; its first value is the current one."""
         return self._gate.subscribe()
+
+    @property
+    def current_gate(self) -> Serving | NotServing:
+        """The gate as a request handler must read it now; allocates nothing.
+
+        It is the stored gate value, except that ``Serving(e)`` is shown only
+        while the leadership stream still says ``Leader(e)``: between a new
+        leadership value and the task's next step, the gate is already
+        closed here. Request handlers pass this to
+        :func:`~leaderwatch.redirect.decide`.
+        """
+        gate = self._gate.borrow()
+        if isinstance(gate, Serving):
+            if not self._stream_open():
+                return NotServing()
+            leadership = self._leadership.borrow()
+            if leadership != Leader(epoch=gate.epoch):
+                return _closed_gate(leadership)
+        return gate
+
+    def _stream_open(self) -> bool:
+        try:
+            self._leadership.has_changed()
+        except ChannelClosed:
+            return False
+        return True
 
     @property
     def stats(self) -> LeaderWatchTaskStats:
@@ -303,11 +335,15 @@ class LeaderWatchTask:
     async def _follow(self, tg: TaskGroup) -> None:
         leadership = self._leadership
         while True:
-            state = leadership.borrow_and_update()
-            with anyio.CancelScope() as scope:
-                tg.start_soon(self._cancel_on_change, state, scope)
-                await self._handle(state, scope)
-                await anyio.sleep_forever()
+            if not self._stream_open():
+                # Never act on what a driver that is gone said last.
+                self._stream_closed = True
+            else:
+                state = leadership.borrow_and_update()
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(self._cancel_on_change, state, scope)
+                    await self._handle(state, scope)
+                    await anyio.sleep_forever()
             if self._stream_closed:
                 _log.warning("leadership_stream_closed")
                 raise LeadershipStreamClosed(
@@ -345,7 +381,11 @@ class LeaderWatchTask:
                     if scope.cancel_called:
                         self._fence_superseded(epoch)
                     raise
-                if scope.cancel_called or self._leadership.borrow() != state:
+                if (
+                    scope.cancel_called
+                    or self._leadership.borrow() != state
+                    or not self._stream_open()
+                ):
                     self._fence_superseded(epoch)
                     return
                 self._set_gate(Serving(epoch=epoch))

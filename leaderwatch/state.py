@@ -36,6 +36,7 @@ __all__ = [
     "leader_state_from_json",
     "observed_epoch",
     "parse_endpoint",
+    "same_endpoint",
 ]
 
 EPOCH_LIMIT: Final = 2**128
@@ -43,13 +44,12 @@ EPOCH_LIMIT: Final = 2**128
 
 _HALF: Final = 2**64
 
-MAX_ENDPOINT_LENGTH: Final = 261
-"""Longest accepted endpoint: a 253-character DNS name, ``:`` and a 5-digit
-port, or a bracketed IPv6 address with its port."""
+MAX_ENDPOINT_LENGTH: Final = 259
+"""Longest accepted endpoint: a 253-character DNS name, ``:`` and a 5-digit port."""
 
 _MAX_DNS_NAME: Final = 253
 _DNS_LABEL: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_PORT: Final = re.compile(r"[0-9]{1,5}")
+_PORT: Final = re.compile(r"[1-9][0-9]{0,4}")
 _SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _DOTTED_NUMERIC: Final = re.compile(r"[0-9.]+")
 
@@ -171,12 +171,30 @@ def _check_host(host: str, text: str) -> None:
 def _check_port(port: str, text: str) -> None:
     if not _PORT.fullmatch(port):
         raise InvalidEndpoint(
-            f"endpoint port must be a decimal number 1-65535 (got {_shown(text)})"
+            "endpoint port must be a decimal number 1-65535 without leading zeros "
+            f"(got {_shown(text)})"
         )
     if not 1 <= int(port) <= 65535:
         raise InvalidEndpoint(
             f"endpoint port must be in 1-65535 (got {int(port)} in {_shown(text)})"
         )
+
+
+def same_endpoint(first: str, second: str) -> bool:
+    """Whether two valid endpoints name the same host and port.
+
+    DNS names compare case-insensitively and IPv6 addresses by value
+    (``[0:0::1]:9000`` is ``[::1]:9000``). Raises :class:`InvalidEndpoint`
+    if either is not a valid endpoint.
+    """
+    return _canonical(parse_endpoint(first)) == _canonical(parse_endpoint(second))
+
+
+def _canonical(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    if host.startswith("["):
+        return ipaddress.IPv6Address(host[1:-1]).compressed, int(port)
+    return host.lower(), int(port)
 
 
 Endpoint = Annotated[str, Strict(), AfterValidator(parse_endpoint)]

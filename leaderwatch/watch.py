@@ -49,7 +49,7 @@ class LeaderWatchStats(BaseModel):
     delivered: int
     """Values that reached subscribers (substituted ``Unknown()`` included)."""
     suppressed: int
-    """Values equal to the current one, which woke nobody."""
+    """Values offered equal to the current one, which woke nobody (regressions not included)."""
     regressions: int
     """Values refused because their epoch was below the high-water mark."""
 
@@ -160,11 +160,12 @@ class LeaderWatch:
                 self._high_water = epoch
         return self._deliver(state)
 
-    def _deliver(self, state: Leader | Follower | Unknown) -> bool:
+    def _deliver(self, state: Leader | Follower | Unknown, *, offered: bool = True) -> bool:
         sender = self._sender
         previous = sender.borrow()
         if not sender.send_if_changed(state):
-            self._suppressed += 1
+            if offered:
+                self._suppressed += 1
             return False
         self._delivered += 1
         _log.info(
@@ -182,7 +183,7 @@ class LeaderWatch:
             high_water=high_water,
             state=_as_log(state),
         )
-        self._deliver(Unknown())
+        self._deliver(Unknown(), offered=False)
         if self._strict:
             raise EpochRegression(self._node_id, high_water, state)
 

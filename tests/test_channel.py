@@ -393,3 +393,24 @@ async def test_dropping_the_sender_closes_the_channel() -> None:
     assert rx.borrow() == 1
     with pytest.raises(ChannelClosed), anyio.fail_after(1):
         await rx.changed()
+
+
+@pytest.mark.parametrize(("first", "second"), [("asyncio", "trio"), ("trio", "asyncio")])
+def test_a_channel_outlives_the_event_loop_a_cancelled_waiter_ran_in(
+    first: str, second: str
+) -> None:
+    tx, rx = watch_channel(0)
+
+    async def cancelled_wait() -> None:
+        with anyio.move_on_after(0.01):
+            await rx.changed()
+
+    async def real_wait() -> int:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rx.changed)
+            await anyio.wait_all_tasks_blocked()
+            tx.send(1)
+        return rx.borrow()
+
+    anyio.run(cancelled_wait, backend=first)
+    assert anyio.run(real_wait, backend=second) == 1

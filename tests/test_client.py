@@ -21,6 +21,7 @@ from leaderwatch.client import (
     NoLeaderYet,
     Rejected,
     Stale,
+    _Entry,
 )
 from leaderwatch.hint import LeaderHint, MalformedHint, hint_from_wire, parse_hint_headers
 from leaderwatch.state import InvalidEndpoint, InvalidEpoch
@@ -134,9 +135,15 @@ RULES = [
         {"epochless_success_over_known_epoch": 1},
     ),
     Rule(
-        "cached None: a hint is accepted",
-        [("hint", "a:1", None, True), ("hint", "x:1", None, True), ("hint", "y:1", 0, True)],
+        "cached None: a hint is accepted, an epoch-less one only for a configured endpoint",
+        [
+            ("hint", "a:1", None, True),
+            ("hint", "x:1", None, False),
+            ("hint", "b:1", None, True),
+            ("hint", "y:1", 0, True),
+        ],
         ("y:1", 0),
+        {"epochless_hint_to_unconfigured_endpoint": 1},
     ),
     Rule(
         "cached None: a success from a different endpoint is refused",
@@ -162,16 +169,17 @@ RULES = [
         {"epoch_below_floor": 2},
     ),
     Rule(
-        "floor: survives an unconfigured epoch-less hint over an epoch-less entry",
+        "floor: survives a second epoch-less hint over an epoch-less entry",
         [
             ("hint", "a:1", 7, True),
             ("hint", "b:1", None, True),
-            ("hint", "x:1", None, True),
+            ("hint", "c:1", None, True),
+            ("hint", "x:1", None, False),
             ("hint", "y:1", 6, False),
             ("hint", "y:1", 8, True),
         ],
         ("y:1", 8),
-        {"epoch_below_floor": 1},
+        {"epoch_below_floor": 1, "epochless_hint_to_unconfigured_endpoint": 1},
     ),
     Rule(
         "floor: only expiry resets it",
@@ -517,6 +525,43 @@ def test_concurrent_updates_are_atomic() -> None:
     assert leader.epoch == max(epoch for batch in batches for _, epoch in batch)
     stats = cache.stats
     assert stats.accepted + sum(stats.refused.values()) == 2 * 300 * len(batches)
+
+
+def test_a_check_and_write_cannot_interleave_with_another() -> None:
+    """A check-and-write paused between its check and its write finishes before another starts.
+
+    Without the lock the second update (epoch 9) would land while the first
+    (an epoch-less hint, valid against the entry it read) is paused, and the
+    first would then replace epoch 9 with an epoch-less entry.
+    """
+    paused = threading.Event()
+    resume = threading.Event()
+
+    class PausingCache(LeaderCache):
+        __slots__ = ()
+
+        def _fresh_entry(self, now: float) -> _Entry | None:
+            entry = super()._fresh_entry(now)
+            if threading.current_thread().name == "slow":
+                paused.set()
+                resume.wait(10)
+            return entry
+
+    cache = PausingCache(CONFIGURED, ttl=math.inf)
+    assert cache.compare_and_set_leader("a:1", 5)
+    slow = threading.Thread(
+        target=cache.compare_and_set_leader, args=("b:1", None), name="slow", daemon=True
+    )
+    slow.start()
+    assert paused.wait(10)
+    fast = threading.Thread(target=cache.compare_and_set_leader, args=("c:1", 9), daemon=True)
+    fast.start()
+    # With the lock, "fast" is blocked here: give it the chance to run if it could.
+    fast.join(0.2)
+    resume.set()
+    slow.join(10)
+    fast.join(10)
+    assert cache.cached_leader == ("c:1", 9)
 
 
 # --- docs ------------------------------------------------------------------------------------

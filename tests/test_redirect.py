@@ -55,6 +55,19 @@ def test_never_redirects_to_self(gate: NotServing) -> None:
         assert decision == NoLeaderYet(leader_epoch=gate.leader_epoch)
 
 
+@pytest.mark.parametrize(
+    ("leader", "me"),
+    [
+        ("[0:0::1]:9000", "[::1]:9000"),
+        ("[2001:DB8::1]:443", "[2001:db8:0:0:0:0:0:1]:443"),
+        ("Node-A.Example:9000", "node-a.example:9000"),
+    ],
+)
+def test_never_redirects_to_self_however_spelled(leader: str, me: str) -> None:
+    decision = decide(NotServing(leader_endpoint=leader, leader_epoch=3), self_endpoint=me)
+    assert decision == NoLeaderYet(leader_epoch=3)
+
+
 def test_self_endpoint_must_be_valid() -> None:
     with pytest.raises(InvalidEndpoint, match="scheme"):
         decide(NotServing(leader_endpoint=B), self_endpoint="http://node-a:9000")

@@ -95,6 +95,17 @@ def make_task(
     history: list[Serving | NotServing] = []
 
     class RecordingGate(WatchSender[Serving | NotServing]):
+        """Records every value stored, whichever send method stores it."""
+
+        def send(self, value: Serving | NotServing) -> None:
+            super().send(value)
+            history.append(value)
+
+        def send_replace(self, value: Serving | NotServing) -> Serving | NotServing:
+            old = super().send_replace(value)
+            history.append(value)
+            return old
+
         def send_if_changed(self, value: Serving | NotServing) -> bool:
             changed = super().send_if_changed(value)
             if changed:
@@ -147,6 +158,14 @@ async def test_constructor_refuses_bad_arguments() -> None:
         LeaderWatchTask(watch, Recorder())  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="BaseLeadershipHandler"):
         LeaderWatchTask(watch.subscribe(), object())  # type: ignore[arg-type]
+
+    class SyncHandler:
+        def on_leader(self, epoch: int) -> None: ...
+        def on_follower(self, leader_endpoint: str | None, leader_epoch: int | None) -> None: ...
+        def on_unknown(self) -> None: ...
+
+    with pytest.raises(TypeError, match="async on_leader"):
+        LeaderWatchTask(watch.subscribe(), SyncHandler())  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="at least initial"):
         RetryBackoff(initial=1.0, maximum=0.5)
     with pytest.raises(ValidationError):
@@ -503,6 +522,50 @@ async def test_channel_close_closes_gate_and_raises_stream_closed() -> None:
                 pytest.fail("run() returned instead of raising LeadershipStreamClosed")
     assert gate_when_raised == [NotServing()]
     assert history == [NotServing(leader_epoch=5), Serving(epoch=5), NotServing()]
+
+
+async def test_current_gate_closes_the_moment_leadership_moves_on() -> None:
+    watch = LeaderWatch("n", initial=Leader(epoch=5))
+    task, _ = make_task(watch, Recorder())
+    async with running(task):
+        await gate_becomes(task, Serving(epoch=5))
+        assert task.current_gate == Serving(epoch=5)
+        watch.publish(Follower(leader_endpoint=B, leader_epoch=6))
+        # The task has not run since: the stored gate is stale, the current one is not.
+        assert task.serving.borrow() == Serving(epoch=5)
+        assert task.current_gate == NotServing(leader_endpoint=B, leader_epoch=6)
+        watch.publish(Leader(epoch=7))
+        assert task.current_gate == NotServing(leader_epoch=7)
+        await gate_becomes(task, Serving(epoch=7))
+        assert task.current_gate == Serving(epoch=7)
+        watch.close()
+        assert task.current_gate == NotServing()
+
+
+async def test_a_stream_closed_on_a_leader_value_never_opens_the_gate() -> None:
+    watch = LeaderWatch("n", initial=Leader(epoch=5))
+    handler = Recorder()
+    task, history = make_task(watch, handler)
+    watch.close()
+    with pytest.raises(LeadershipStreamClosed), anyio.fail_after(5):
+        await task.run()
+    assert handler.calls == []
+    assert Serving(epoch=5) not in history
+    assert task.serving.borrow() == NotServing()
+
+
+async def test_the_task_owns_its_receiver() -> None:
+    watch = LeaderWatch("n")
+    receiver = watch.subscribe()
+    handler = Recorder()
+    task = LeaderWatchTask(receiver, handler)
+    handler.task = task
+    async with running(task):
+        await until(lambda: handler.calls == [("unknown",)])
+        watch.publish(Leader(epoch=3))
+        receiver.borrow_and_update()  # the caller consumes its own receiver
+        await gate_becomes(task, Serving(epoch=3))
+    assert handler.calls == [("unknown",), ("leader", 3)]
 
 
 async def test_channel_close_during_a_fence_cancels_it() -> None:

@@ -109,6 +109,7 @@ def test_regression_while_follower_then_equal_unknown_is_counted_once() -> None:
     assert watch.publish(Leader(epoch=4)) is False
     assert not rx.has_changed()
     assert watch.stats.regressions == 1
+    assert watch.stats.suppressed == 0
 
 
 def test_initial_value_sets_the_high_water_mark() -> None:
