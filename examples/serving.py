@@ -37,13 +37,13 @@ async def main() -> None:
     gate = task.serving
     async with anyio.create_task_group() as tg:
         tg.start_soon(task.run)
-        print("start:        ", repr(decide(gate.borrow(), self_endpoint=SELF)))
+        print("start:        ", repr(decide(task.current_gate, self_endpoint=SELF)))
 
         watch.publish(Follower(leader_endpoint="node-b:9000", leader_epoch=4))
         await gate.wait_for(
             lambda state: state == NotServing(leader_endpoint="node-b:9000", leader_epoch=4)
         )
-        decision = decide(gate.borrow(), self_endpoint=SELF)
+        decision = decide(task.current_gate, self_endpoint=SELF)
         print("follower:     ", repr(decision))
         assert isinstance(decision, Redirect)
         headers = decision.hint.to_headers()
@@ -51,9 +51,9 @@ async def main() -> None:
 
         watch.publish(Leader(epoch=5))
         await gate.wait_for(lambda state: isinstance(state, Serving))
-        print("leader:       ", repr(decide(gate.borrow(), self_endpoint=SELF)))
+        print("leader:       ", repr(decide(task.current_gate, self_endpoint=SELF)))
         tg.cancel_scope.cancel()
-    print("after shutdown:", repr(decide(gate.borrow(), self_endpoint=SELF)))
+    print("after shutdown:", repr(decide(task.current_gate, self_endpoint=SELF)))
 
     cache = LeaderCache(["node-a:9000", "node-b:9000", "node-c:9000"], tls_required=True)
     print("client follows:", repr(cache.classify(parse_hint_headers(headers))))
