@@ -414,8 +414,15 @@ class LeaderWatchTask:
         next_warning = backoff.stuck_warning_interval
         while True:
             try:
-                await call()
-                return
+                try:
+                    await call()
+                    return
+                except ExceptionGroup as group:
+                    # A handler with its own task group: transient only if every error is.
+                    transient, other = group.split(TransientLeadershipError)
+                    if transient is None or other is not None:
+                        raise
+                    raise TransientLeadershipError(str(group)) from group
             except TransientLeadershipError as exc:
                 attempts += 1
                 self._retries += 1

@@ -401,6 +401,30 @@ async def test_new_value_ends_retrying_even_during_a_long_backoff() -> None:
     assert task.stats.retries == 1
 
 
+async def test_transient_errors_raised_inside_a_handlers_task_group_are_retried() -> None:
+    failures = [2]
+
+    class GroupFence(Recorder):
+        async def on_leader(self, epoch: int) -> None:
+            await super().on_leader(epoch)
+            if failures[0]:
+                failures[0] -= 1
+
+                async def fail() -> None:
+                    raise TransientLeadershipError("store not ready")
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(fail)
+
+    watch = LeaderWatch("n", initial=Leader(epoch=3))
+    handler = GroupFence()
+    task, _ = make_task(watch, handler, retry_backoff=FAST)
+    async with running(task):
+        await gate_becomes(task, Serving(epoch=3))
+    assert task.stats.retries == 2
+    assert task.stats.failures == 0
+
+
 async def test_transient_errors_in_follower_handler_are_retried() -> None:
     class FlakyFollower(Recorder):
         failures = 2
