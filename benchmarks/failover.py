@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import subprocess
@@ -52,7 +53,16 @@ FAILOVER_DEADLINE_S = 10.0
 # Before each round every candidate is registered and then left alone this
 # long, so a node respawned by the previous round (a Python process importing
 # grpc) does not compete for the 2 cores; the etcdctl reference gets the same.
+# A random extra of up to SETTLE_JITTER_S keeps the signal from locking onto
+# the phase of a polling driver's loop.
 SETTLE_S = 0.3
+SETTLE_JITTER_S = 0.1
+
+
+def _settle() -> None:
+    time.sleep(SETTLE_S + random.uniform(0.0, SETTLE_JITTER_S))
+
+
 TARGET_MS = {"kill9": 100.0, "sigterm": 100.0}
 
 SCENARIOS: dict[str, Callable[[NodeProcess], float]] = {
@@ -138,7 +148,7 @@ class RunnerGroup:
         group = self._nodes
         leader = group.wait_stable(timeout=STARTUP_S)
         _wait_registered(self._registered, self._size)
-        time.sleep(SETTLE_S)
+        _settle()
         state = leader.state
         assert isinstance(state, Leader)
         old_epoch = state.epoch
@@ -266,7 +276,7 @@ class EtcdctlGroup:
                 raise RuntimeError("no etcdctl candidate was elected")
             time.sleep(0.01)
         _wait_registered(partial(_key_count, self._server, self._election), self._size)
-        time.sleep(SETTLE_S)
+        _settle()
         leader = next(e for e in slots if e.elected_at is not None)
         sent = time.monotonic()
         os.kill(leader.process.pid, signal.SIGTERM)

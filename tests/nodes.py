@@ -193,19 +193,37 @@ class NodeProcess:
         return sent
 
     def wait_exit(self, timeout: float) -> int:
-        """Wait for the process to exit and its output to be read; return its exit code."""
-        code = self.process.wait(timeout)
-        for reader in self._readers:
-            reader.join(timeout)
+        """Wait for the process to exit and its output to be read; return its exit code.
+
+        A process still running after ``timeout`` seconds is killed and reaped, and
+        :class:`NodeTimeout` is raised.
+        """
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise NodeTimeout(
+                f"{self.name} did not exit within {timeout}s (killed); {self.describe()}"
+            ) from None
+        self._finish_reading(timeout)
         return code
 
     def stop(self) -> None:
-        """Kill the process if it still runs and reap it; idempotent."""
+        """Kill the process if it still runs, reap it and close its pipes; idempotent."""
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        self._finish_reading(5)
+
+    def _finish_reading(self, timeout: float) -> None:
         for reader in self._readers:
-            reader.join(5)
+            reader.join(timeout)
+        # A reader still blocked (a grandchild kept the pipe open) owns its pipe: leave it.
+        for reader, pipe in zip(
+            self._readers, (self.process.stdout, self.process.stderr), strict=True
+        ):
+            if pipe is not None and not reader.is_alive():
+                pipe.close()
 
 
 class NodeSet:

@@ -6,10 +6,11 @@ import sys
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup
 
 import leaderwatch.drivers as drivers
 from leaderwatch.channel import ChannelClosed, WatchReceiver
-from leaderwatch.drivers import LeadershipDriver, ManualDriver, StaticDriver
+from leaderwatch.drivers import DriverBase, LeadershipDriver, ManualDriver, StaticDriver
 from leaderwatch.state import Follower, InvalidEndpoint, InvalidEpoch, Leader, Unknown
 
 State = Leader | Follower | Unknown
@@ -151,11 +152,125 @@ async def test_manual_exit_closes_the_channel_and_later_calls_fail() -> None:
         driver.become_leader(3)
 
 
+class TaskDriver(DriverBase):
+    """Leads at epoch 1 with two background tasks: one sleeps, one fails when told to.
+
+    ``fail`` is ``"never"``, ``"on_trigger"`` (after :attr:`trigger` is set) or
+    ``"on_cancel"`` (when cancelled, as a failing cleanup would).
+    """
+
+    def __init__(self, fail: str = "never") -> None:
+        super().__init__("tasks")
+        self.fail = fail
+        self.trigger = anyio.Event()
+        self.sleeper_ended = False
+
+    async def _start(self, task_group: TaskGroup) -> None:
+        task_group.start_soon(self._sleeper)
+        task_group.start_soon(self._failer)
+        self._publish(Leader(epoch=1))
+
+    async def _sleeper(self) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.sleeper_ended = True
+
+    async def _failer(self) -> None:
+        if self.fail == "on_trigger":
+            await self.trigger.wait()
+            raise ValueError("background")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            if self.fail == "on_cancel":
+                raise ValueError("background")
+
+
+async def assert_stopped(driver: TaskDriver) -> None:
+    """Every task ended, ``Unknown()`` was published and the channel closed."""
+    assert driver.sleeper_ended
+    seen: list[State] = []
+    with anyio.fail_after(1):
+        await collect(driver.leadership(), seen)  # ends: the channel closed
+    assert seen == [Unknown()]
+
+
 @pytest.mark.anyio
-async def test_body_error_propagates_unwrapped() -> None:
-    with pytest.raises(KeyError, match="body"):
-        async with ManualDriver():
+async def test_outer_cancellation_passes_through_a_driver_with_tasks() -> None:
+    driver = TaskDriver()
+    reached: list[str] = []
+    with anyio.fail_after(5), anyio.move_on_after(0.01) as scope:
+        async with driver:
+            await anyio.wait_all_tasks_blocked()
+            assert driver.current == Leader(epoch=1)
+            await anyio.sleep_forever()
+        reached.append("after the driver")
+    assert scope.cancelled_caught
+    assert reached == []
+    await assert_stopped(driver)
+
+
+@pytest.mark.anyio
+async def test_body_error_propagates_unwrapped_through_a_driver_with_tasks() -> None:
+    driver = TaskDriver()
+
+    async def run() -> None:
+        async with driver:
+            await anyio.wait_all_tasks_blocked()
             raise KeyError("body")
+
+    with pytest.raises(KeyError, match="body") as caught:
+        await run()
+    assert type(caught.value) is KeyError
+    await assert_stopped(driver)
+
+
+@pytest.mark.anyio
+async def test_background_failure_alone_cancels_the_body_and_is_raised_as_itself() -> None:
+    driver = TaskDriver("on_trigger")
+    body_cancelled = False
+
+    async def run() -> None:
+        nonlocal body_cancelled
+        async with driver:
+            driver.trigger.set()
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                body_cancelled = True
+                raise
+
+    with anyio.fail_after(5), pytest.raises(ValueError, match="background") as caught:
+        await run()
+    assert type(caught.value) is ValueError
+    assert body_cancelled
+    await assert_stopped(driver)
+
+
+@pytest.mark.parametrize("first", ["background", "body"])
+@pytest.mark.anyio
+async def test_background_failure_while_the_body_raises_keeps_both_errors(first: str) -> None:
+    driver = TaskDriver("on_trigger" if first == "background" else "on_cancel")
+
+    async def run() -> None:
+        async with driver:
+            await anyio.wait_all_tasks_blocked()
+            if first == "body":
+                raise KeyError("body")
+            driver.trigger.set()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                raise KeyError("body")  # the body's own cleanup fails while cancelled
+
+    with anyio.fail_after(5), pytest.raises(ExceptionGroup) as caught:
+        await run()
+    assert [(type(e), str(e)) for e in caught.value.exceptions] == [
+        (KeyError, "'body'"),
+        (ValueError, "background"),
+    ]
+    await assert_stopped(driver)
 
 
 def test_etcd_driver_without_its_dependencies_says_what_to_install(

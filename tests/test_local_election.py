@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from leaderwatch.drivers import (
     ElectionStateCorrupt,
     LocalElectionDriver,
     LocalElectionError,
+    LocalEpochCounter,
     LocalLeaderRecord,
 )
 from leaderwatch.drivers.local import EPOCH_FILE, LOCK_FILE, RECORD_FILE
@@ -55,11 +57,12 @@ def is_leader(state: State) -> bool:
 
 
 class HeldLock:
-    """The test itself holding the election lock, as a leader that wrote nothing yet."""
+    """The test itself holding a file's lock: by default the election lock, as a leader
+    that wrote nothing yet; on ``leader.json``, as the live writer of that record."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str = LOCK_FILE) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.fd: int | None = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+        self.fd: int | None = os.open(directory / name, os.O_RDWR | os.O_CREAT)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
     def release(self) -> None:
@@ -75,8 +78,8 @@ def held_lock(tmp_path: Path) -> Iterator[HeldLock]:
     lock.release()
 
 
-def lock_is_free(directory: Path) -> bool:
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+def lock_is_free(directory: Path, name: str = LOCK_FILE) -> bool:
+    fd = os.open(directory / name, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -84,6 +87,37 @@ def lock_is_free(directory: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def live_record(directory: Path, epoch: int, endpoint: str) -> HeldLock:
+    """Write a record and hold it as its (live) leader does; release() is that leader dying."""
+    (directory / RECORD_FILE).write_text(
+        LocalLeaderRecord(
+            epoch=epoch, leader_endpoint=endpoint, node_id="test", pid=os.getpid()
+        ).model_dump_json()
+    )
+    return HeldLock(directory, RECORD_FILE)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Replace ``path`` atomically, so that no poll reads it half-written."""
+    temp = path.with_name(path.name + ".new")
+    temp.write_text(text)
+    temp.replace(path)
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5) -> None:
+    """Return once ``condition()`` holds; fail after ``within`` seconds."""
+    with anyio.fail_after(within):
+        # Files and counters offer no event to wait on: poll.
+        while not condition():  # noqa: ASYNC110
+            await anyio.sleep(POLL)
+
+
+async def polls(node: LocalElectionDriver, count: int) -> None:
+    """Wait until ``node`` re-published an unchanged value ``count`` more times (one per poll)."""
+    target = node.stats.suppressed + count
+    await eventually(lambda: node.stats.suppressed >= target)
 
 
 # --- in one process -------------------------------------------------------------------------
@@ -164,6 +198,7 @@ async def test_corrupt_record_makes_followers_unknown_without_crashing(
 ) -> None:
     record = tmp_path / RECORD_FILE
     record.write_text('{"epoch": 4, "leader_endpoint": "10.0.0')
+    writer = HeldLock(tmp_path, RECORD_FILE)  # the live leader's hold; write_text keeps the inode
     (tmp_path / EPOCH_FILE).write_text('{"epoch": 4}')
     with structlog.testing.capture_logs() as logs:
         async with driver(tmp_path, B) as follower:
@@ -187,6 +222,7 @@ async def test_corrupt_record_makes_followers_unknown_without_crashing(
             assert any("empty" in e.get("reason", "") for e in logs)
 
             record.write_text("garbage")
+            writer.release()
             held_lock.release()  # the leader died leaving a corrupt record behind
             # The counter still proves epoch 4 was used: the new leader goes above it.
             assert await wait_state(follower, is_leader) == Leader(epoch=5)
@@ -238,12 +274,132 @@ async def test_corrupt_state_found_later_cancels_the_body_and_is_raised(
 async def test_follower_never_reports_a_record_naming_itself(
     tmp_path: Path, held_lock: HeldLock
 ) -> None:
+    writer = live_record(tmp_path, 3, B)
+    try:
+        async with driver(tmp_path, B) as node, driver(tmp_path, A) as other:
+            assert node.current == Unknown()
+            assert other.current == Follower(leader_endpoint=B, leader_epoch=3)
+    finally:
+        writer.release()
+
+
+@pytest.mark.anyio
+async def test_followers_drop_a_record_whose_leader_is_gone(
+    tmp_path: Path, held_lock: HeldLock
+) -> None:
+    # held_lock: a successor took the lock but has not written its record yet.
+    writer = live_record(tmp_path, 3, A)
+    try:
+        async with driver(tmp_path, B) as follower:
+            assert follower.current == Follower(leader_endpoint=A, leader_epoch=3)
+            writer.release()  # the leader that wrote the record exits or dies
+            await wait_state(follower, lambda s: s == Unknown())
+            writer = live_record(tmp_path, 4, C)  # the successor writes its record
+            state = await wait_state(follower, lambda s: isinstance(s, Follower))
+            assert state == Follower(leader_endpoint=C, leader_epoch=4)
+    finally:
+        writer.release()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.anyio
+async def test_a_record_behind_this_nodes_epochs_is_unknown_and_logged_once(
+    tmp_path: Path, held_lock: HeldLock, strict: bool
+) -> None:
+    writer = live_record(tmp_path, 5, A)
+    node = LocalElectionDriver(tmp_path, node_endpoint=B, poll_interval=POLL, strict=strict)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            async with node:
+                assert node.current == Follower(leader_endpoint=A, leader_epoch=5)
+                writer.release()
+                # The directory was wiped or restored, and a leader started over at epoch 1.
+                writer = live_record(tmp_path, 1, C)
+                await wait_state(node, lambda s: s == Unknown())
+                await polls(node, 10)
+                assert node.current == Unknown()
+                assert node.stats.regressions == 0
+    finally:
+        writer.release()
+    behind = [e for e in logs if e["event"] == "local_election_epoch_behind"]
+    assert behind == [
+        {
+            "event": "local_election_epoch_behind",
+            "log_level": "error",
+            "node_id": B,
+            "path": str(tmp_path / RECORD_FILE),
+            "record_epoch": 1,
+            "high_water": 5,
+        }
+    ]
+    assert "leader_state_epoch_regression" not in [e["event"] for e in logs]
+
+
+@pytest.mark.anyio
+async def test_a_corrupt_counter_is_logged_and_the_record_continues_the_sequence(
+    tmp_path: Path,
+) -> None:
     (tmp_path / RECORD_FILE).write_text(
-        LocalLeaderRecord(epoch=3, leader_endpoint=B, node_id="old-b", pid=1).model_dump_json()
+        LocalLeaderRecord(epoch=7, leader_endpoint=A, node_id="a", pid=1).model_dump_json()
     )
-    async with driver(tmp_path, B) as node, driver(tmp_path, A) as other:
-        assert node.current == Unknown()
-        assert other.current == Follower(leader_endpoint=B, leader_epoch=3)
+    counter = tmp_path / EPOCH_FILE
+    counter.write_text('{"epoch": ')
+    with structlog.testing.capture_logs() as logs:
+        async with driver(tmp_path, B) as node:
+            assert node.current == Leader(epoch=8)
+    corrupt = [e for e in logs if e["event"] == "local_election_epoch_corrupt"]
+    assert [(e["log_level"], e["path"]) for e in corrupt] == [("error", str(counter))]
+    assert "LocalEpochCounter" in corrupt[0]["reason"]
+    assert LocalEpochCounter.model_validate_json(counter.read_bytes()).epoch == 8
+
+
+@pytest.mark.anyio
+async def test_leader_repairs_a_damaged_epoch_counter(tmp_path: Path) -> None:
+    counter = tmp_path / EPOCH_FILE
+
+    def repaired() -> bool:
+        return counter.exists() and counter.read_bytes() == good
+
+    with structlog.testing.capture_logs() as logs:
+        async with driver(tmp_path, A) as leader:
+            good = counter.read_bytes()
+            assert LocalEpochCounter.model_validate_json(good).epoch == 1
+            for damage in ("", "{}", '{"epoch": 0}', None):
+                if damage is None:
+                    counter.unlink()
+                else:
+                    replace_text(counter, damage)
+                await eventually(repaired)
+            assert leader.current == Leader(epoch=1)
+    reasons = [e["reason"] for e in logs if e["event"] == "local_election_epoch_restored"]
+    assert len(reasons) == 4
+    assert reasons[0] == "empty (truncated?)"
+    assert reasons[2:] == ["overwritten with epoch 0", "missing"]
+
+
+@pytest.mark.anyio
+async def test_leader_steps_down_when_the_counter_shows_a_newer_epoch(tmp_path: Path) -> None:
+    seen: list[State] = []
+    async with driver(tmp_path, A) as leader, anyio.create_task_group() as task_group:
+        task_group.start_soon(collect, leader.leadership(), seen)
+        await anyio.wait_all_tasks_blocked()
+        replace_text(tmp_path / EPOCH_FILE, '{"epoch": 9}')
+        assert await wait_state(leader, lambda s: s == Leader(epoch=10)) == Leader(epoch=10)
+        task_group.cancel_scope.cancel()
+    assert seen == [Leader(epoch=1), Unknown(), Leader(epoch=10)]
+
+
+@pytest.mark.anyio
+async def test_leader_holds_its_record_again_after_it_was_replaced(tmp_path: Path) -> None:
+    record = tmp_path / RECORD_FILE
+    async with driver(tmp_path, A) as leader, driver(tmp_path, B) as follower:
+        assert follower.current == Follower(leader_endpoint=A, leader_epoch=1)
+        assert not lock_is_free(tmp_path, RECORD_FILE)
+        # Same content, but a file the leader does not hold.
+        replace_text(record, record.read_text())
+        await eventually(lambda: not lock_is_free(tmp_path, RECORD_FILE))
+        await wait_state(follower, lambda s: s == Follower(leader_endpoint=A, leader_epoch=1))
+        assert leader.current == Leader(epoch=1)
 
 
 @pytest.mark.anyio
@@ -275,6 +431,34 @@ async def test_leader_steps_down_when_its_directory_is_deleted(tmp_path: Path) -
             task_group.cancel_scope.cancel()
     assert seen == [Leader(epoch=1), Unknown(), Leader(epoch=2)]
     assert "local_election_lock_lost" in [e["event"] for e in logs]
+
+
+@pytest.mark.anyio
+async def test_a_forked_child_does_not_keep_the_leaders_locks(tmp_path: Path) -> None:
+    child_waits, parent_done = os.pipe()
+    parent_waits, child_ready = os.pipe()
+    async with driver(tmp_path, A) as leader:
+        assert leader.current == Leader(epoch=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads, 3.12+
+            pid = os.fork()
+        if pid == 0:  # the child outlives the leader's exit, then goes without cleanup
+            try:
+                os.close(parent_done)
+                os.write(child_ready, b"!")  # fork hooks have run by now
+                os.read(child_waits, 1)
+            finally:
+                os._exit(0)
+        os.close(child_waits)
+        os.close(child_ready)
+        assert os.read(parent_waits, 1) == b"!"
+        os.close(parent_waits)
+    try:
+        assert lock_is_free(tmp_path)
+        assert lock_is_free(tmp_path, RECORD_FILE)
+    finally:
+        os.close(parent_done)
+        await anyio.to_thread.run_sync(os.waitpid, pid, 0)
 
 
 def test_construction_refuses_bad_arguments(tmp_path: Path) -> None:
@@ -340,18 +524,19 @@ def test_kill9_of_the_leader_elects_a_successor_with_a_higher_epoch(
     old.kill9()
     assert old.wait_exit(FAILOVER) == -9
     new = cluster.wait_stable(timeout=FAILOVER)
-    assert new is not old
+    new_endpoint = endpoints[cluster.nodes.index(new)]
+    endpoint = endpoints[cluster.nodes.index(old)]
+    assert new_endpoint != endpoint
     assert leader_epoch(new) > old_epoch
-    assert new.state == Leader(epoch=leader_epoch(new))
+    assert [node.state for node in cluster.running() if node is not new] == [
+        Follower(leader_endpoint=new_endpoint, leader_epoch=leader_epoch(new))
+    ]
 
     # The killed node comes back with the same endpoint and follows.
-    endpoint = endpoints[cluster.nodes.index(old)]
     back = spawn(cluster, tmp_path, endpoint)
     back.wait_for_state(lambda s: isinstance(s, Follower), timeout=STARTUP)
     assert cluster.wait_stable(timeout=FAILOVER) is new
-    assert back.state == Follower(
-        leader_endpoint=endpoints[cluster.nodes.index(new)], leader_epoch=leader_epoch(new)
-    )
+    assert back.state == Follower(leader_endpoint=new_endpoint, leader_epoch=leader_epoch(new))
     assert_epochs_never_decrease(cluster.nodes)
     assert_one_leader_per_epoch(cluster.nodes)
 

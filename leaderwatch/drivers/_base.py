@@ -65,8 +65,10 @@ class DriverBase:
       leading before their iteration ends.
     - A background task that fails cancels the body of the ``async with``
       and its error is raised on exit (as itself when it is the only one,
-      else in an exception group); an error raised by the body itself
-      propagates unchanged.
+      else in an exception group). An error raised by the body itself
+      propagates unchanged when no background task failed; when one did
+      too, both are raised together in a :class:`BaseExceptionGroup`, the
+      body's error first. A cancellation from outside propagates as itself.
     - A driver is entered at most once.
 
     Subclasses publish only through :meth:`_publish`.
@@ -102,9 +104,6 @@ class DriverBase:
     async def _start(self, task_group: TaskGroup) -> None:
         """Start background tasks in ``task_group``; runs once, on enter."""
 
-    def _stopped(self) -> None:
-        """Release what the background tasks held; runs once, after they ended."""
-
     async def __aenter__(self) -> Self:
         if self._entered:
             raise RuntimeError(f"{type(self).__name__} can be entered only once")
@@ -139,12 +138,16 @@ class DriverBase:
             await task_group.__aexit__(None, None, None)
             return None
         except BaseExceptionGroup as group:
+            if exc is not None and not forward:
+                raise BaseExceptionGroup(
+                    f"{type(self).__name__}: the body and a background task failed",
+                    [exc, *group.exceptions],
+                ) from None
             if len(group.exceptions) == 1 and not isinstance(
                 group.exceptions[0], BaseExceptionGroup
             ):
                 raise group.exceptions[0] from None
             raise
         finally:
-            self._stopped()
             self._watch.publish(Unknown())
             self._watch.close()

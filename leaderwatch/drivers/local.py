@@ -4,12 +4,14 @@ Candidates sharing a directory compete for an exclusive ``flock`` on
 ``leader.lock``; the holder leads. The kernel drops the lock when its holder
 exits or dies, so failover waits for no lease: within one poll interval a
 candidate takes it. Each new leader persists a strictly higher epoch
-(``epoch.json``) and its record (``leader.json``), which followers read.
+(``epoch.json``) and its record (``leader.json``), which followers trust
+only while its writer still holds a lock on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import secrets
@@ -95,6 +97,13 @@ class _Missing:
 _MISSING: Final = _Missing()
 
 
+class _Unheld:
+    __slots__ = ()
+
+
+_UNHELD: Final = _Unheld()
+
+
 class _Corrupt:
     __slots__ = ("reason",)
 
@@ -102,10 +111,24 @@ class _Corrupt:
         self.reason = reason
 
 
-def _read(path: Path, model: type[_Model]) -> _Model | _Missing | _Corrupt:
+def _nobody_holds(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        # Cannot tell (no lock support): trust the record rather than hide a live leader.
+        return False
+    return True  # released when the caller closes the file
+
+
+def _read(
+    path: Path, model: type[_Model], *, held_only: bool = False
+) -> _Model | _Missing | _Corrupt | _Unheld:
     try:
         with path.open("rb") as file:
             data = file.read(_MAX_FILE_SIZE + 1)
+            unheld = held_only and _nobody_holds(file.fileno())
     except FileNotFoundError:
         return _MISSING
     except OSError as error:
@@ -115,11 +138,12 @@ def _read(path: Path, model: type[_Model]) -> _Model | _Missing | _Corrupt:
     if not data:
         return _Corrupt("empty (truncated?)")
     try:
-        return model.model_validate_json(data)
+        found = model.model_validate_json(data)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "document"
         return _Corrupt(f"invalid {model.__name__}: {where}: {first['msg']}")
+    return _UNHELD if unheld else found
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -130,28 +154,53 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(directory: Path, files: dict[str, bytes]) -> None:
-    """Replace each named file with its bytes: temp file, fsync, rename in order, fsync dir."""
+def _write_durably(
+    directory: Path, files: dict[str, bytes], *, hold: str | None = None
+) -> int | None:
+    """Replace each named file of ``directory`` with its bytes, in the order given.
+
+    Each file is replaced atomically: a reader sees the old bytes or the new
+    ones, never a mix, and a later file never appears before an earlier one.
+    On return every new file survives a crash of the host. With ``hold``,
+    the new file of that name is exclusively ``flock``-ed before anyone can
+    see it, and the open descriptor holding that lock is returned. On error
+    an ``OSError`` is raised, no temporary file is left behind and no lock
+    is held; files already replaced stay replaced.
+    """
     staged: list[tuple[Path, Path]] = []
+    held: int | None = None
     try:
         for name, data in files.items():
             temp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             staged.append((temp, directory / name))
+            keep = name == hold
             try:
+                if keep:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
                 os.fsync(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
+            if keep:
+                held = fd
+            else:
+                os.close(fd)
+        # Renamed only once all are written, in order: the epoch counter
+        # before the record, so a record never names an epoch the counter lacks.
         for temp, target in staged:
             os.replace(temp, target)
+        _fsync_directory(directory)
     except BaseException:
         for temp, _ in staged:
             temp.unlink(missing_ok=True)
+        if held is not None:
+            os.close(held)
         raise
-    _fsync_directory(directory)
+    return held
 
 
 # Every lock this process holds, so a forked child (which shares the open
@@ -178,8 +227,8 @@ class LocalElectionDriver(DriverBase):
     - At most one driver holds the lock on ``directory/leader.lock`` at a
       time, and only the holder publishes ``Leader``. It publishes
       ``Leader(epoch)`` only after the epoch and its record are durable.
-    - Each new leader takes an epoch strictly above every epoch recorded
-      in the directory and every epoch this node published, so epochs
+    - Each new leader takes an epoch strictly above every epoch published
+      from the directory and every epoch this node published, so epochs
       increase across leaders and restarts. If the record and the epoch
       counter are both unreadable it raises :class:`ElectionStateCorrupt`
       instead of guessing (the lock is released first).
@@ -188,14 +237,18 @@ class LocalElectionDriver(DriverBase):
       write, with no lease timeout. Leaving ``async with`` publishes
       ``Unknown()`` and then releases the lock.
     - Non-leaders publish ``Follower(leader_endpoint, leader_epoch)`` from
-      the record, never a record naming this node's own endpoint, and
-      ``Unknown()`` while the record is missing, corrupt (logged once as
-      ``local_election_record_corrupt``) or stale.
+      the record only while the process that wrote it still leads, never a
+      record naming this node's own endpoint, and ``Unknown()`` otherwise:
+      while the record is missing, corrupt (logged once as
+      ``local_election_record_corrupt``), left by a leader that exited or
+      died, or older than an epoch this node already published (logged once
+      as ``local_election_epoch_behind``).
     - A leader whose lock file is deleted or replaced steps down
-      (``local_election_lock_lost``); a leader whose record was damaged
-      rewrites it.
-    - The event loop never blocks on the lock: it is tried without
-      blocking every ``poll_interval`` seconds; fsyncs run in a worker thread.
+      (``local_election_lock_lost``); a leader whose record or epoch counter
+      was damaged, deleted or replaced rewrites it; a leader that finds a
+      higher epoch in either file steps down and the election runs again.
+    - The event loop is never blocked waiting for the lock or for the disk;
+      a candidate notices a free lock within ``poll_interval`` seconds.
 
     Raises ``InvalidEndpoint`` for a ``node_endpoint`` that is not a
     scheme-less ``host:port``, ``ValueError`` for a non-positive
@@ -231,7 +284,9 @@ class LocalElectionDriver(DriverBase):
         self._lock_fd: int | None = None
         self._lock_identity: tuple[int, int] | None = None
         self._record: LocalLeaderRecord | None = None
-        self._reported: str | None = None
+        # The leader's open, locked record: followers trust the record only while it is locked.
+        self._record_fd: int | None = None
+        self._reported: dict[str, str] = {}
 
     @property
     def directory(self) -> Path:
@@ -284,10 +339,10 @@ class LocalElectionDriver(DriverBase):
             self._follow()
 
     def _report(self, event: str, **fields: object) -> None:
-        """Log an error once until the situation changes."""
-        key = f"{event}:{fields}"
-        if key != self._reported:
-            self._reported = key
+        """Log an error once per event until its fields change or the node recovers."""
+        key = repr(fields)
+        if self._reported.get(event) != key:
+            self._reported[event] = key
             _log.error(event, node_id=self.node_id, **fields)
 
     def _try_lock(self) -> bool:
@@ -331,7 +386,28 @@ class LocalElectionDriver(DriverBase):
             return False
         return (now.st_dev, now.st_ino) == self._lock_identity
 
+    def _holds_record(self) -> bool:
+        fd = self._record_fd
+        if fd is None:
+            return False
+        try:
+            now = os.stat(self._record_path)
+        except OSError:
+            return False
+        held = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+
+    def _hold_record(self, fd: int | None) -> None:
+        previous = self._record_fd
+        self._record_fd = fd
+        if fd is not None:
+            _HELD_LOCKS.add(fd)
+        if previous is not None:
+            _HELD_LOCKS.discard(previous)
+            os.close(previous)
+
     def _release_lock(self) -> None:
+        self._hold_record(None)
         fd = self._lock_fd
         self._lock_fd = None
         self._lock_identity = None
@@ -347,18 +423,22 @@ class LocalElectionDriver(DriverBase):
         self._release_lock()
 
     def _next_epoch(self) -> int:
-        sources = (
-            _read(self._record_path, LocalLeaderRecord),
-            _read(self._epoch_path, LocalEpochCounter),
-        )
-        known = [source.epoch for source in sources if isinstance(source, BaseModel)]
-        corrupt = [source.reason for source in sources if isinstance(source, _Corrupt)]
+        record = _read(self._record_path, LocalLeaderRecord)
+        counter = _read(self._epoch_path, LocalEpochCounter)
+        known = [source.epoch for source in (record, counter) if isinstance(source, BaseModel)]
+        corrupt = [source.reason for source in (record, counter) if isinstance(source, _Corrupt)]
         if corrupt and not known:
             raise ElectionStateCorrupt(
                 f"{RECORD_FILE} and {EPOCH_FILE} in {str(self._directory)!r} are both unreadable "
                 f"({'; '.join(corrupt)}), so the next epoch cannot be proven higher than every "
                 f'epoch already used; restore {EPOCH_FILE} as {{"epoch": N}} with N at least '
                 "the highest epoch clients may have seen"
+            )
+        if isinstance(counter, _Corrupt):
+            # The record alone bounds every published epoch: a leader publishes
+            # only once its record is durable, and the record's epoch never decreases.
+            self._report(
+                "local_election_epoch_corrupt", path=str(self._epoch_path), reason=counter.reason
             )
         high_water = self._watch.high_water
         if high_water is not None:
@@ -382,20 +462,31 @@ class LocalElectionDriver(DriverBase):
             EPOCH_FILE: LocalEpochCounter(epoch=epoch).model_dump_json().encode(),
             RECORD_FILE: record.model_dump_json().encode(),
         }
+        if not await self._write(files):
+            return
+        self._record = record
+        self._reported.clear()
+        _log.info(
+            "local_election_won", node_id=self.node_id, epoch=epoch, directory=str(self._directory)
+        )
+        self._publish(Leader(epoch=epoch))
+
+    async def _write(self, files: dict[str, bytes]) -> bool:
+        """Write ``files`` durably, holding the new record; on failure step down."""
+        hold = RECORD_FILE if RECORD_FILE in files else None
         try:
-            await anyio.to_thread.run_sync(_write_durably, self._directory, files)
+            fd = await anyio.to_thread.run_sync(
+                functools.partial(_write_durably, self._directory, files, hold=hold)
+            )
         except OSError as error:
             self._report(
                 "local_election_write_failed", directory=str(self._directory), reason=str(error)
             )
             self._step_down()
-            return
-        self._record = record
-        self._reported = None
-        _log.info(
-            "local_election_won", node_id=self.node_id, epoch=epoch, directory=str(self._directory)
-        )
-        self._publish(Leader(epoch=epoch))
+            return False
+        if fd is not None:
+            self._hold_record(fd)
+        return True
 
     async def _keep_office(self) -> None:
         own = self._record
@@ -403,54 +494,68 @@ class LocalElectionDriver(DriverBase):
             self._report("local_election_lock_lost", path=str(self._lock_path))
             self._step_down()
             return
-        found = _read(self._record_path, LocalLeaderRecord)
-        if found == own:
-            return
-        if isinstance(found, LocalLeaderRecord) and found.epoch > own.epoch:
-            # Someone else claims a newer term; re-run the election rather than argue.
-            self._report(
-                "local_election_record_conflict",
+        record = _read(self._record_path, LocalLeaderRecord)
+        counter = _read(self._epoch_path, LocalEpochCounter)
+        for path, found in ((self._record_path, record), (self._epoch_path, counter)):
+            if isinstance(found, BaseModel) and found.epoch > own.epoch:
+                # Someone else claims a newer term; re-run the election rather than argue.
+                self._report(
+                    "local_election_record_conflict",
+                    path=str(path),
+                    epoch=found.epoch,
+                    own_epoch=own.epoch,
+                )
+                self._step_down()
+                return
+        repairs: dict[str, bytes] = {}
+        if not (isinstance(counter, LocalEpochCounter) and counter.epoch == own.epoch):
+            _log.warning(
+                "local_election_epoch_restored",
+                node_id=self.node_id,
+                path=str(self._epoch_path),
+                reason=_damage(counter),
+            )
+            repairs[EPOCH_FILE] = LocalEpochCounter(epoch=own.epoch).model_dump_json().encode()
+        if record != own or not self._holds_record():
+            _log.warning(
+                "local_election_record_restored",
+                node_id=self.node_id,
                 path=str(self._record_path),
-                record=found.model_dump(),
+                reason=_damage(record) if record != own else "replaced",
             )
-            self._step_down()
-            return
-        reason = (
-            found.reason
-            if isinstance(found, _Corrupt)
-            else "missing"
-            if found is _MISSING
-            else "overwritten"
-        )
-        _log.warning(
-            "local_election_record_restored",
-            node_id=self.node_id,
-            path=str(self._record_path),
-            reason=reason,
-        )
-        try:
-            await anyio.to_thread.run_sync(
-                _write_durably, self._directory, {RECORD_FILE: own.model_dump_json().encode()}
-            )
-        except OSError as error:
-            self._report(
-                "local_election_write_failed", directory=str(self._directory), reason=str(error)
-            )
-            self._step_down()
+            repairs[RECORD_FILE] = own.model_dump_json().encode()
+        if repairs:
+            await self._write(repairs)
 
     def _follow(self) -> None:
-        found = _read(self._record_path, LocalLeaderRecord)
-        state: LeadershipState
+        found = _read(self._record_path, LocalLeaderRecord, held_only=True)
+        high_water = self._watch.high_water
+        state: LeadershipState = Unknown()
         if isinstance(found, _Corrupt):
             self._report(
                 "local_election_record_corrupt", path=str(self._record_path), reason=found.reason
             )
-            state = Unknown()
-        elif isinstance(found, LocalLeaderRecord) and found.leader_endpoint != self._endpoint:
-            self._reported = None
-            state = Follower(leader_endpoint=found.leader_endpoint, leader_epoch=found.epoch)
+        elif not isinstance(found, LocalLeaderRecord) or found.leader_endpoint == self._endpoint:
+            # No record yet, or its writer no longer leads, or it names this node although
+            # another holds the lock: the holder has not written its own record yet.
+            pass
+        elif high_water is not None and found.epoch < high_water:
+            # The directory went back in time (wiped, restored from a backup).
+            self._report(
+                "local_election_epoch_behind",
+                path=str(self._record_path),
+                record_epoch=found.epoch,
+                high_water=high_water,
+            )
         else:
-            # No record yet, or one naming this node although another holds the lock:
-            # its holder has not written its own record yet.
-            state = Unknown()
+            self._reported.clear()
+            state = Follower(leader_endpoint=found.leader_endpoint, leader_epoch=found.epoch)
         self._publish(state)
+
+
+def _damage(found: LocalLeaderRecord | LocalEpochCounter | _Missing | _Corrupt | _Unheld) -> str:
+    if isinstance(found, _Corrupt):
+        return found.reason
+    if isinstance(found, LocalLeaderRecord | LocalEpochCounter):
+        return f"overwritten with epoch {found.epoch}"
+    return "missing"
