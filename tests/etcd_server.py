@@ -129,11 +129,16 @@ class EtcdServer:
         return [find_etcdctl(), f"--endpoints={self.client_url}", *args]
 
     def etcdctl(
-        self, *args: str, timeout: float = 20.0, check: bool = True
+        self, *args: str, timeout: float = 20.0, check: bool = True, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run etcdctl against this server and return its completed process."""
+        """Run etcdctl against this server, ``stdin`` as its input; return the completed process."""
         return subprocess.run(
-            self.etcdctl_argv(*args), capture_output=True, text=True, timeout=timeout, check=check
+            self.etcdctl_argv(*args),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
         )
 
     def keys(self, prefix: str) -> list[EtcdKey]:

@@ -6,6 +6,7 @@ one test checks that trio gets a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -30,8 +31,10 @@ from leaderwatch.state import Follower, InvalidEndpoint, Leader, Unknown, observ
 
 State = Leader | Follower | Unknown
 TTL = 2  # etcd's smallest useful lease; margin defaults to 0.5 s, so the proof lasts 1.5 s
-PROOF = TTL - 0.5
-SLACK = 0.25  # event-loop wake-up and scheduling on a loaded 2-core runner; < margin
+MARGIN = 0.5
+PROOF = TTL - MARGIN
+SLACK = 0.25  # event-loop wake-up and scheduling on a loaded 2-core runner
+assert SLACK < MARGIN  # else "stepped down before the lease could expire" would prove nothing
 A, B, C = "10.0.0.1:7001", "10.0.0.2:7002", "10.0.0.3:7003"
 
 
@@ -137,8 +140,8 @@ async def keys(etcd: EtcdServer, election: str) -> list[EtcdKey]:
     return await anyio.to_thread.run_sync(etcd.keys, election + "/")
 
 
-async def etcdctl(etcd: EtcdServer, *args: str) -> str:
-    done = await anyio.to_thread.run_sync(lambda: etcd.etcdctl(*args))
+async def etcdctl(etcd: EtcdServer, *args: str, stdin: str | None = None) -> str:
+    done = await anyio.to_thread.run_sync(lambda: etcd.etcdctl(*args, stdin=stdin))
     return done.stdout
 
 
@@ -169,24 +172,106 @@ class Ctl:
                 await anyio.sleep(0.01)
 
     def stop(self) -> None:
+        """SIGTERM (etcdctl resigns), SIGKILL if it lingers; blocks, so call it from a thread."""
         if self.process.poll() is None:
             self.process.terminate()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
         self._reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    async def astop(self) -> None:
+        await anyio.to_thread.run_sync(self.stop)
 
 
 @pytest.fixture
 def ctl(etcd: EtcdServer) -> Iterator[Callable[..., Ctl]]:
-    started: list[Ctl] = []
+    with contextlib.ExitStack() as stack:
 
-    def spawn(*args: str) -> Ctl:
-        process = Ctl(etcd, *args)
-        started.append(process)
-        return process
+        def spawn(*args: str) -> Ctl:
+            process = Ctl(etcd, *args)
+            stack.callback(process.stop)
+            return process
 
-    yield spawn
-    for process in started:
-        process.stop()
+        yield spawn
+
+
+class Relay:
+    """A loopback TCP relay to an etcd server that can freeze and be pointed at another server.
+
+    Frozen, it holds every byte in both directions (a hung etcd, seen from the
+    client); :meth:`retarget` drops every connection and sends new ones to
+    another port.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._thawed = anyio.Event()
+        self._thawed.set()
+        self._connections: set[anyio.CancelScope] = set()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._relay)
+
+    def freeze(self) -> float:
+        """Stop forwarding; return the time just before."""
+        self._thawed = anyio.Event()
+        return anyio.current_time()
+
+    def retarget(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        for scope in self._connections:
+            scope.cancel()
+
+    async def _relay(self, client: anyio.abc.SocketStream) -> None:
+        with anyio.CancelScope() as scope:
+            self._connections.add(scope)
+            try:
+                async with (
+                    client,
+                    await anyio.connect_tcp("127.0.0.1", self.upstream_port) as up,
+                    anyio.create_task_group() as pumps,
+                ):
+                    pumps.start_soon(self._pump, client, up, pumps.cancel_scope)
+                    pumps.start_soon(self._pump, up, client, pumps.cancel_scope)
+            except OSError:
+                pass
+            finally:
+                self._connections.discard(scope)
+
+    async def _pump(
+        self, source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, both: anyio.CancelScope
+    ) -> None:
+        try:
+            async for chunk in source:
+                await self._thawed.wait()
+                await sink.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        both.cancel()
+
+
+async def poll(condition: Callable[[], object], within: float = 10.0) -> None:
+    with anyio.fail_after(within):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(0.01)
 
 
 async def wait_keys(
@@ -320,7 +405,7 @@ async def test_an_etcdctl_leader_is_followed_and_its_resignation_elects_us(
         await candidate.wait_for(follows(C, theirs.create_revision))
         await observer.wait_for(follows(C, theirs.create_revision))
 
-        reference.stop()  # SIGTERM: etcdctl resigns
+        await reference.astop()  # SIGTERM: etcdctl resigns
         state = await candidate.wait_for(is_leader, within=3)
         assert isinstance(state, Leader)
         assert state.epoch > theirs.create_revision
@@ -436,7 +521,144 @@ async def test_a_revoked_lease_or_deleted_key_ends_the_campaign_and_a_fresh_one_
     assert len(await keys(etcd, election)) == 0
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("together", [False, True], ids=["one_then_other", "one_revision"])
+async def test_a_candidate_whose_own_key_goes_with_its_predecessor_never_leads(
+    etcd: EtcdServer, election: str, together: bool
+) -> None:
+    # P (etcdctl's key) < C < D. C's key is deleted while C waits on P (its
+    # lease lives on), before P or in the same revision as P; C must see that
+    # its own key is gone and not lead beside D, the real successor.
+    lease = (await etcdctl(etcd, "lease", "grant", "60")).split()[1]
+    await etcdctl(etcd, "put", f"--lease={lease}", f"{election}/{lease}", C)
+    (p_key,) = await keys(etcd, election)
+    async with anyio.create_task_group() as task_group:
+        c = await start(task_group, driver(etcd, election, A, ttl=10))
+        await c.wait_for(follows(C, p_key.create_revision))
+        d = await start(task_group, driver(etcd, election, B, ttl=10))
+        await d.wait_for(follows(C, p_key.create_revision))
+        found = await wait_keys(etcd, election, lambda found: len(found) == 3)
+        assert [key.value for key in found] == [C, A, B]
+        # C's campaign checked its key and now watches P: the case under test.
+        await poll(lambda: c.driver._campaign is not None and c.driver._campaign.waiting_on)
+
+        if together:
+            await etcdctl(etcd, "txn", stdin=f"\ndel {found[1].key}\ndel {p_key.key}\n\n\n")
+        else:
+            await etcdctl(etcd, "del", found[1].key)
+        await etcdctl(etcd, "lease", "revoke", lease)
+        state = await d.wait_for(is_leader)
+        assert state == Leader(epoch=found[2].create_revision)
+        # C starts a fresh campaign behind D.
+        await c.wait_for(follows(B, found[2].create_revision))
+        task_group.cancel_scope.cancel()
+    assert not any(is_leader(state) for state in c.states), c.states
+    assert_epochs_never_decrease(c, d)
+
+
+@pytest.mark.anyio
+async def test_a_frozen_endpoint_is_left_for_the_next_and_every_loop_survives_the_switch(
+    etcd: EtcdServer, election: str
+) -> None:
+    async with anyio.create_task_group() as task_group:
+        relay = Relay(etcd.port)
+        await task_group.start(relay.serve)
+        leader = await start(task_group, driver(etcd, election, A, ttl=10))
+        state = await leader.wait_for(is_leader)
+        assert isinstance(state, Leader)
+        via_relay = f"{relay.endpoint},{etcd.endpoint}"
+        observer = await start(
+            task_group, EtcdElectionDriver(via_relay, election=election, ttl=TTL)
+        )
+        candidate = await start(
+            task_group, EtcdElectionDriver(via_relay, election=election, node_endpoint=B, ttl=TTL)
+        )
+        for node in (observer, candidate):
+            await node.wait_for(follows(A, state.epoch))
+            assert node.driver.etcd_endpoint == relay.endpoint
+
+        # Calls in flight on the frozen endpoint end when the driver closes its
+        # channel; the loops that made them must retry on the next endpoint.
+        relay.freeze()
+        for node in (observer, candidate):
+            await node.wait_for(lambda state: state == Unknown(), within=PROOF + 2)
+        for node in (observer, candidate):
+            await node.wait_for(follows(A, state.epoch), within=10)
+            assert node.driver.etcd_endpoint == etcd.endpoint
+        # The candidate campaigns again through the new endpoint.
+        await wait_keys(etcd, election, lambda found: [key.value for key in found] == [A, B])
+        await leader.exit()
+        assert await candidate.wait_for(is_leader) == Leader(
+            epoch=candidate.driver.campaign_revision
+        )
+        task_group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_leader_below_a_published_epoch_gives_unknown_and_one_error_log(
+    etcd: EtcdServer, election: str
+) -> None:
+    # The relay first leads to the shared server, then to a fresh one whose
+    # revisions are lower: etcd as if restored from an older snapshot.
+    with contextlib.ExitStack() as stack:
+        older = await anyio.to_thread.run_sync(stack.enter_context, etcd_server())
+        old_lease = (await etcdctl(older, "lease", "grant", "60")).split()[1]
+        await etcdctl(older, "put", f"--lease={old_lease}", f"{election}/{old_lease}", B)
+        (behind,) = await keys(older, election)
+        await etcdctl(etcd, "put", f"{election}-pad", "x")  # its revision exceeds older's
+        await etcdctl(etcd, "del", f"{election}-pad")
+        with structlog.testing.capture_logs() as logs:
+            async with anyio.create_task_group() as task_group:
+                relay = Relay(etcd.port)
+                await task_group.start(relay.serve)
+                leader = await start(task_group, driver(etcd, election, A, ttl=10))
+                state = await leader.wait_for(is_leader)
+                assert isinstance(state, Leader)
+                assert state.epoch > behind.create_revision
+                observer = await start(
+                    task_group, EtcdElectionDriver(relay.endpoint, election=election, ttl=TTL)
+                )
+                await observer.wait_for(follows(A, state.epoch))
+
+                relay.retarget(older.port)
+                await observer.wait_for(lambda state: state == Unknown(), within=PROOF + 2)
+                # A change of the stale leader key makes the observer read it again.
+                await etcdctl(older, "put", f"--lease={old_lease}", behind.key, "http://x:1")
+                await poll(
+                    lambda: any(log["event"] == "etcd_leader_endpoint_invalid" for log in logs)
+                )
+                assert observer.state == Unknown()
+                task_group.cancel_scope.cancel()
+        await anyio.to_thread.run_sync(stack.close)
+    behind_logs = [log for log in logs if log["event"] == "etcd_epoch_behind"]
+    assert len(behind_logs) == 1, behind_logs
+    assert behind_logs[0]["log_level"] == "error"
+    assert behind_logs[0]["node_id"] == observer.driver.node_id
+    assert behind_logs[0]["key"] == behind.key
+    assert behind_logs[0]["create_revision"] == behind.create_revision
+    assert behind_logs[0]["high_water"] == state.epoch
+    assert Follower(leader_endpoint=B, leader_epoch=behind.create_revision) not in observer.states
+
+
 # -- start-up errors and configuration ------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_the_first_value_after_start_up_is_what_etcd_holds(
+    etcd: EtcdServer, election: str
+) -> None:
+    async with anyio.create_task_group() as task_group:
+        async with driver(etcd, election) as observer:
+            assert observer.current == Unknown()  # no candidate yet
+        leader = await start(task_group, driver(etcd, election, A, ttl=10))
+        state = await leader.wait_for(is_leader)
+        assert isinstance(state, Leader)
+        expected = Follower(leader_endpoint=A, leader_epoch=state.epoch)
+        async with driver(etcd, election) as observer:
+            assert observer.current == expected
+        async with driver(etcd, election, B) as candidate:
+            assert candidate.current == expected
+        task_group.cancel_scope.cancel()
 
 
 @pytest.mark.anyio

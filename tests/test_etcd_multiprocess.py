@@ -18,8 +18,10 @@ from nodes import (
 from leaderwatch.state import Follower, Leader, Unknown
 
 TTL = 2
-PROOF = TTL - 0.5  # ttl - default margin
+MARGIN = 0.5  # the default for ttl=2
+PROOF = TTL - MARGIN
 SLACK = 0.3  # three processes and etcd on a loaded 2-core runner
+assert SLACK < MARGIN  # else "stepped down before the lease could expire" would prove nothing
 STARTUP = 20.0
 
 
@@ -70,7 +72,7 @@ def successor_after(cluster: NodeSet, old: NodeProcess, sent: float, epoch: int)
             if node is not old
         )
 
-    cluster.wait_for(taken_over, timeout=TTL + 10)
+    cluster.wait_for(taken_over, timeout=TTL + 15)
     reports = [
         report
         for node in cluster.nodes
@@ -80,16 +82,37 @@ def successor_after(cluster: NodeSet, old: NodeProcess, sent: float, epoch: int)
     return reports[0].t
 
 
+def endpoint_of(node: NodeProcess) -> str:
+    return node.argv[node.argv.index("--endpoint") + 1]
+
+
+def assert_all_follow(cluster: NodeSet, new: NodeProcess) -> int:
+    """Every running node other than ``new`` follows it; return its epoch."""
+    state = new.state
+    assert isinstance(state, Leader)
+    for node in cluster.running():
+        assert node is new or node.state == Follower(
+            leader_endpoint=endpoint_of(new), leader_epoch=state.epoch
+        ), node.describe()
+    return state.epoch
+
+
 def test_kill9_of_the_leader_elects_a_successor_with_a_higher_epoch(
     etcd: EtcdServer, cluster: NodeSet
 ) -> None:
     leader, epoch = group(cluster, etcd, TTL)
     sent = leader.kill9()
     took_over = successor_after(cluster, leader, sent, epoch)
-    # The dead leader's key goes when etcd expires its lease: ttl after its last keep-alive.
-    assert took_over - sent <= TTL + 1.0
+    # The dead leader could not resign. It still led when killed, so its last
+    # acknowledged keep-alive kept the lease alive at etcd for more than
+    # ttl - proof = margin past the kill: the successor cannot have led sooner...
+    assert took_over - sent > MARGIN - SLACK
+    # ...and nothing but that expiry was waited for (bound loose for a loaded runner;
+    # the speed target lives in benchmarks/failover.py).
+    assert took_over - sent <= TTL + 5
     new = cluster.wait_stable(timeout=5)
-    assert new is not leader
+    assert endpoint_of(new) != endpoint_of(leader)
+    assert assert_all_follow(cluster, new) > epoch
 
 
 def test_graceful_exit_of_the_leader_hands_over_without_waiting_for_the_lease(
@@ -98,16 +121,12 @@ def test_graceful_exit_of_the_leader_hands_over_without_waiting_for_the_lease(
     leader, epoch = group(cluster, etcd, ttl=30)
     sent = leader.terminate()
     took_over = successor_after(cluster, leader, sent, epoch)
-    assert took_over - sent < 1.0  # against a 30 s lease: the leader resigned
+    assert took_over - sent < 10  # far below the 30 s lease: the leader resigned
     assert leader.wait_exit(5) == 0
     assert leader.state == Unknown()
     new = cluster.wait_stable(timeout=5)
-    state = new.state
-    assert isinstance(state, Leader)
-    for node in cluster.running():
-        assert node is new or node.state == Follower(
-            leader_endpoint=new.argv[new.argv.index("--endpoint") + 1], leader_epoch=state.epoch
-        )
+    assert endpoint_of(new) != endpoint_of(leader)
+    assert assert_all_follow(cluster, new) > epoch
 
 
 def test_frozen_etcd_makes_the_leader_step_down_then_the_group_converges(

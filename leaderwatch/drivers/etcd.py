@@ -21,6 +21,7 @@ from typing import Any, Final, TypeVar
 import anyio
 import anyio.lowlevel
 import grpc  # type: ignore[import-untyped]
+import sniffio
 import structlog
 from aetcd import rpc
 from anyio.abc import TaskGroup
@@ -47,7 +48,6 @@ _CHANNEL_OPTIONS: Final = (
 )
 _AUTH_CODES: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _AUTH_WORDS: Final = ("auth", "user name", "password", "permission", "token")
-_GRPC_ERRORS: Final = (rpc.RpcError, rpc.BaseError)
 _MAX_RESIGN_WAIT: Final = 1.0
 _MAX_BACKOFF: Final = 1.0
 
@@ -67,16 +67,25 @@ class EtcdAuthError(EtcdElectionError):
     """etcd refused the credentials, or the user may not use the election's keys."""
 
 
-async def _grpc(awaitable: Awaitable[_T]) -> _T:
+class _ChannelClosed(Exception):
+    """A call ended because this driver closed its channel (after an endpoint switch)."""
+
+
+async def _grpc(awaitable: Awaitable[_T], conn: _Connection | None = None) -> _T:
     """Await a ``grpc.aio`` call so that anyio cancel scopes recognise their cancellation.
 
     grpc.aio swallows the task's cancellation and raises a fresh
     ``CancelledError``; a checkpoint lets anyio raise its own one instead.
+    grpc.aio raises the same ``CancelledError`` in calls whose channel is
+    closed: when that is ``conn``'s channel, which this driver closed, it
+    becomes :class:`_ChannelClosed`, a failure callers retry.
     """
     try:
         return await awaitable
-    except anyio.get_cancelled_exc_class():
+    except anyio.get_cancelled_exc_class() as error:
         await anyio.lowlevel.checkpoint()
+        if conn is not None and conn.closed:
+            raise _ChannelClosed(f"channel to {conn.endpoint} closed") from error
         raise
 
 
@@ -101,6 +110,9 @@ class _CallFailed(Exception):
         )
 
 
+_GRPC_ERRORS: Final = (rpc.RpcError, rpc.BaseError, _ChannelClosed)
+
+
 class _Connection:
     """One gRPC channel to one etcd endpoint, with its stubs and auth token."""
 
@@ -109,12 +121,14 @@ class _Connection:
         self.channel = channel
         self.metadata: tuple[tuple[str, str], ...] | None = None
         self.token_stale = False
+        self.closed = False
         self.kv = rpc.KVStub(channel)
         self.lease = rpc.LeaseStub(channel)
         self.watch = rpc.WatchStub(channel)
         self.auth = rpc.AuthStub(channel)
 
     async def close(self) -> None:
+        self.closed = True
         with anyio.CancelScope(shield=True):
             await _grpc(self.channel.close(None))
 
@@ -142,15 +156,22 @@ class _Campaign:
         self.lease = lease
         self.won_at: int | None = None
         self.waiting_on: bytes | None = None
-        """The predecessor key the campaign is watching, if any."""
+        """The predecessor key the campaign is watching (or just saw change), if any."""
         self.step_done = anyio.Event()
-        """Set when the campaign finished reacting to that key's deletion."""
+        """Set when the campaign finished reacting to that key's change."""
+
+    def finish_step(self) -> None:
+        """The campaign has reacted to ``waiting_on``'s change: wake whoever waits for that."""
+        if self.waiting_on is not None:
+            self.waiting_on = None
+            self.step_done.set()
+            self.step_done = anyio.Event()
 
 
 class _View:
     """The leader key as last read: lowest create revision under the election prefix."""
 
-    __slots__ = ("create_revision", "endpoint", "key", "mod_revision", "revision")
+    __slots__ = ("create_revision", "endpoint", "key", "mod_revision", "revision", "sent")
 
     def __init__(
         self,
@@ -159,12 +180,15 @@ class _View:
         mod_revision: int,
         endpoint: str | None,
         revision: int,
+        sent: float,
     ) -> None:
         self.key = key
         self.create_revision = create_revision
         self.mod_revision = mod_revision
         self.endpoint = endpoint
         self.revision = revision
+        self.sent = sent
+        """When the read that returned this key was sent (monotonic clock)."""
 
 
 class _Backoff:
@@ -199,10 +223,6 @@ def _read_pem(name: str, path: str | Path | None) -> bytes | None:
 
 
 def _running_on_asyncio() -> bool:
-    try:
-        import sniffio
-    except ImportError:  # trio depends on sniffio: without it the loop is asyncio's
-        return True
     return sniffio.current_async_library() == "asyncio"
 
 
@@ -218,7 +238,9 @@ class EtcdElectionDriver(DriverBase):
       attached to its lease of ``ttl`` seconds; the key with the lowest
       create revision leads, and ``Leader.epoch`` / ``Follower.leader_epoch``
       is that key's create revision, so epochs strictly increase across
-      leaders. A waiting candidate watches only its predecessor key.
+      leaders. A waiting candidate watches only its predecessor key (the
+      one next in line also its own key, in the same watch); a candidate
+      whose key is gone never leads on it.
       ``etcdctl elect`` candidates and observers interoperate.
     - Lease safety: ``Leader`` is published only while the lease is proven
       alive, i.e. until ``ttl - margin`` seconds after sending the last
@@ -233,13 +255,18 @@ class EtcdElectionDriver(DriverBase):
       (``etcd_leader_endpoint_invalid``) when its value is not a scheme-less
       ``host:port``, and ``Unknown()`` when no candidate exists. A node
       that cannot reach etcd publishes ``Unknown()`` at most ``ttl - margin``
-      seconds after the last request etcd answered was sent.
+      seconds after the last request etcd answered was sent. A leader key
+      created below an epoch this node already published (etcd restored
+      from an older snapshot) gives ``Unknown()`` and one error log
+      (``etcd_epoch_behind``) per key.
     - Leaving ``async with`` publishes ``Unknown()`` and then revokes the
       lease (resign), so a successor takes over at once.
     - Start-up raises :class:`EtcdUnavailable` when no endpoint answers
-      within ``connect_timeout`` (connection refused, timeout, TLS failure)
+      (connection refused, TLS failure, or no answer within
+      ``connect_timeout`` seconds; each endpoint gets that long, in turn)
       and :class:`EtcdAuthError` when credentials or permissions are
-      refused; both name the endpoint.
+      refused; both name the endpoint. Once started, the first value
+      subscribers see reflects the leader key etcd held at start-up.
 
     ``endpoints`` are scheme-less ``host:port`` strings (one string may hold
     several, comma-separated): they are tried in order at start-up and again,
@@ -313,6 +340,13 @@ class EtcdElectionDriver(DriverBase):
         self._password = password
         self._election = election
         self._prefix = election.encode() + b"/"
+        self._leader_query = rpc.RangeRequest(
+            key=self._prefix,
+            range_end=_prefix_end(self._prefix),
+            limit=1,
+            sort_order=rpc.RangeRequest.ASCEND,
+            sort_target=rpc.RangeRequest.CREATE,
+        )
         self._node_endpoint = own
         self._ttl = ttl
         self._margin = float(chosen)
@@ -325,6 +359,8 @@ class EtcdElectionDriver(DriverBase):
         self._touched: anyio.Event | None = None
         self._view: _View | None = None
         self._reported_invalid: tuple[bytes, int] | None = None
+        self._reported_behind: tuple[bytes, int] | None = None
+        self._high_water_at = -math.inf
         self._campaign: _Campaign | None = None
         self._session: anyio.CancelScope | None = None
         self._closing = False
@@ -388,8 +424,10 @@ class EtcdElectionDriver(DriverBase):
                 "grpc.aio); run the application with backend='asyncio'"
             )
         sent = anyio.current_time()
-        self._conn = await self._connect_first()
+        self._conn, leader = await self._connect_first()
         self._touch(sent)
+        # The first value subscribers see is what etcd holds, not a placeholder.
+        self._set_view(leader.kvs[0] if leader.kvs else None, leader.header.revision, sent)
         task_group.start_soon(self._run)
 
     async def _run(self) -> None:
@@ -423,41 +461,46 @@ class EtcdElectionDriver(DriverBase):
 
     # -- connections ---------------------------------------------------------------
 
-    async def _open(self, endpoint: str, wait: float) -> _Connection:
-        """Connect, authenticate and read the election prefix once, or raise ``_CallFailed``."""
+    async def _open(self, endpoint: str, wait: float) -> tuple[_Connection, Any]:
+        """Connect, authenticate and read the leader key within ``wait`` seconds.
+
+        Returns the connection and the leader key's range reply; raises
+        ``_CallFailed`` when etcd refuses and ``TimeoutError`` when it is silent.
+        """
         if self._credentials is not None:
             channel = rpc.secure_channel(endpoint, self._credentials, options=_CHANNEL_OPTIONS)
         else:
             channel = rpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
         conn = _Connection(endpoint, channel)
+        deadline = anyio.current_time() + wait
         try:
-            with anyio.fail_after(wait + 1.0):
+            with anyio.fail_after(wait):
                 await self._authenticate(conn, wait)
-                request = rpc.RangeRequest(
-                    key=self._prefix, range_end=_prefix_end(self._prefix), limit=1, keys_only=True
+                left = max(deadline - anyio.current_time(), 0.001)
+                reply = await _grpc(
+                    conn.kv.Range(self._leader_query, timeout=left, metadata=conn.metadata)
                 )
-                await _grpc(conn.kv.Range(request, timeout=wait, metadata=conn.metadata))
         except _GRPC_ERRORS as error:
             await conn.close()
             raise _CallFailed(endpoint, error) from error
         except BaseException:
             await conn.close()
             raise
-        return conn
+        return conn, reply
 
     async def _authenticate(self, conn: _Connection, wait: float) -> None:
         if self._username is None:
             return
         request = rpc.AuthenticateRequest(name=self._username, password=self._password)
-        reply = await _grpc(conn.auth.Authenticate(request, timeout=wait))
+        reply = await _grpc(conn.auth.Authenticate(request, timeout=wait), conn)
         conn.metadata = (("token", reply.token),)
         conn.token_stale = False
 
-    async def _connect_first(self) -> _Connection:
+    async def _connect_first(self) -> tuple[_Connection, Any]:
         failures: list[_CallFailed] = []
         for endpoint in self._endpoints:
             try:
-                conn = await self._open(endpoint, self._connect_timeout)
+                opened = await self._open(endpoint, self._connect_timeout)
             except TimeoutError:
                 failures.append(_CallFailed(endpoint, TimeoutError("no answer")))
                 continue
@@ -473,7 +516,7 @@ class EtcdElectionDriver(DriverBase):
                 failures.append(failure)
                 continue
             _log.info("etcd_connected", node_id=self.node_id, endpoint=endpoint, tls=self._tls)
-            return conn
+            return opened
         tried = "; ".join(str(failure) for failure in failures)
         hint = (
             "check that etcd runs there and that ca_cert/client_cert/client_key match its TLS setup"
@@ -482,7 +525,7 @@ class EtcdElectionDriver(DriverBase):
         )
         raise EtcdUnavailable(
             f"cannot reach etcd at {', '.join(self._endpoints)} within "
-            f"{self._connect_timeout:g}s ({tried}); {hint}"
+            f"{self._connect_timeout:g}s per endpoint ({tried}); {hint}"
         )
 
     async def _switch_endpoint(self) -> None:
@@ -493,7 +536,7 @@ class EtcdElectionDriver(DriverBase):
         for step in range(1, len(self._endpoints)):
             endpoint = self._endpoints[(start + step) % len(self._endpoints)]
             try:
-                conn = await self._open(endpoint, self._interval)
+                conn, _ = await self._open(endpoint, self._interval)
             except (_CallFailed, TimeoutError):
                 continue
             self._conn = conn
@@ -505,14 +548,20 @@ class EtcdElectionDriver(DriverBase):
             await current.close()
             return
 
-    async def _call(self, make: Callable[[_Connection], Awaitable[_T]]) -> _T:
-        """Run one request on the current connection; failures raise ``_CallFailed``."""
+    async def _call(
+        self, make: Callable[[_Connection], Awaitable[_T]], auth_wait: float | None = None
+    ) -> _T:
+        """Run one request on the current connection; failures raise ``_CallFailed``.
+
+        Renewing the auth token first waits at most ``auth_wait`` seconds (default:
+        the keep-alive interval).
+        """
         conn = self._conn
         assert conn is not None
         try:
             if conn.token_stale:
-                await self._authenticate(conn, self._interval)
-            return await _grpc(make(conn))
+                await self._authenticate(conn, self._interval if auth_wait is None else auth_wait)
+            return await _grpc(make(conn), conn)
         except _GRPC_ERRORS as error:
             if isinstance(error, rpc.AioRpcError) and error.code() in _AUTH_CODES:
                 conn.token_stale = self._username is not None
@@ -569,13 +618,7 @@ class EtcdElectionDriver(DriverBase):
         backoff = _Backoff(0.05, min(_MAX_BACKOFF, self._interval))
         failing = False
         end = _prefix_end(self._prefix)
-        leader_query = rpc.RangeRequest(
-            key=self._prefix,
-            range_end=end,
-            limit=1,
-            sort_order=rpc.RangeRequest.ASCEND,
-            sort_target=rpc.RangeRequest.CREATE,
-        )
+        leader_query = self._leader_query
         while True:
             sent = anyio.current_time()
             try:
@@ -583,7 +626,7 @@ class EtcdElectionDriver(DriverBase):
                     lambda c: c.kv.Range(leader_query, timeout=self._interval, metadata=c.metadata)
                 )
                 self._touch(sent)
-                self._set_view(reply.kvs[0] if reply.kvs else None, reply.header.revision)
+                self._set_view(reply.kvs[0] if reply.kvs else None, reply.header.revision, sent)
                 if reply.kvs:
                     key, filters = reply.kvs[0].key, []
                     watch_end = b""
@@ -610,14 +653,19 @@ class EtcdElectionDriver(DriverBase):
 
     async def _wait_events(
         self, key: bytes, range_end: bytes, start_revision: int, filters: list[int]
-    ) -> int | None:
-        """Watch from ``start_revision``: the first events' revision, or ``None`` after a while."""
+    ) -> list[Any] | None:
+        """Watch from ``start_revision``: the first events etcd reports, ``None`` after a while.
+
+        etcd reports a watch's events in revision order and never splits one
+        revision's events, so the list holds every change in the range up to the
+        revisions it covers.
+        """
         create = rpc.WatchCreateRequest(
             key=key, range_end=range_end, start_revision=start_revision, filters=filters
         )
         request = rpc.WatchRequest(create_request=create)
 
-        async def first_events(conn: _Connection) -> int | None:
+        async def first_events(conn: _Connection) -> list[Any] | None:
             call = conn.watch.Watch(metadata=conn.metadata)
             try:
                 await call.write(request)
@@ -625,7 +673,7 @@ class EtcdElectionDriver(DriverBase):
                     if reply.canceled or reply.compact_revision:
                         return None
                     if reply.events:
-                        return int(reply.header.revision)
+                        return list(reply.events)
             finally:
                 call.cancel()
             raise rpc.InternalError("etcd closed the watch stream")
@@ -634,13 +682,13 @@ class EtcdElectionDriver(DriverBase):
             return await self._call(first_events)
         return None
 
-    def _set_view(self, kv: Any, revision: int) -> None:
+    def _set_view(self, kv: Any, revision: int, sent: float) -> None:
         campaign = self._campaign
         if kv is None:
             self._view = None
         else:
             self._view = _View(
-                kv.key, kv.create_revision, kv.mod_revision, self._endpoint_of(kv), revision
+                kv.key, kv.create_revision, kv.mod_revision, self._endpoint_of(kv), revision, sent
             )
             if (
                 campaign is not None
@@ -694,12 +742,27 @@ class EtcdElectionDriver(DriverBase):
             return Unknown()
         high_water = self._watch.high_water
         if high_water is not None and view.create_revision < high_water:
+            seen = (view.key, view.create_revision)
+            # A read sent before this node published its newest epoch is merely
+            # stale; one sent after it means etcd went back in time.
+            if view.sent > self._high_water_at and seen != self._reported_behind:
+                self._reported_behind = seen
+                _log.error(
+                    "etcd_epoch_behind",
+                    node_id=self.node_id,
+                    key=view.key.decode("utf-8", "replace"),
+                    create_revision=view.create_revision,
+                    high_water=high_water,
+                )
             return Unknown()
         return Follower(leader_endpoint=view.endpoint, leader_epoch=view.create_revision)
 
     def _update(self) -> None:
         if not self._watch.is_closed:
+            high_water = self._watch.high_water
             self._publish(self._state_now())
+            if self._watch.high_water != high_water:
+                self._high_water_at = anyio.current_time()
 
     # -- campaigning ---------------------------------------------------------------
 
@@ -707,6 +770,10 @@ class EtcdElectionDriver(DriverBase):
         backoff = _Backoff(0.05, min(_MAX_BACKOFF, self._interval))
         while not self._closing:
             lease = await self._grant()
+            if self._closing:
+                # The driver is leaving: never start a campaign it would not resign.
+                await self._revoke(lease)
+                return
             started = anyio.current_time()
             try:
                 async with anyio.create_task_group() as session:
@@ -767,7 +834,13 @@ class EtcdElectionDriver(DriverBase):
                 _log.debug("etcd_keepalive_failed", node_id=self.node_id, error=str(failure))
                 next_send = max(anyio.current_time(), sent + retry)
                 continue
-            if reply is None or reply.TTL <= 0:
+            if reply is None:
+                # The stream ended without an answer: a transport failure, not a
+                # verdict on the lease (_guard_lease still bounds how long it counts).
+                _log.debug("etcd_keepalive_failed", node_id=self.node_id, error="stream ended")
+                next_send = max(anyio.current_time(), sent + retry)
+                continue
+            if reply.TTL <= 0:
                 self._end_session("lease_expired", lease_id=f"{lease.id:x}")
                 return
             self._touch(sent)
@@ -899,11 +972,20 @@ class EtcdElectionDriver(DriverBase):
                 ),
             ],
         )
-        while campaign.won_at is None:
-            try:
-                reply = await self._call(
-                    lambda c: c.kv.Txn(predecessors, timeout=self._interval, metadata=c.metadata)
-                )
+        try:
+            while campaign.won_at is None:
+                try:
+                    reply = await self._call(
+                        lambda c: c.kv.Txn(
+                            predecessors, timeout=self._interval, metadata=c.metadata
+                        )
+                    )
+                except _CallFailed:
+                    campaign.finish_step()
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+                campaign.finish_step()
                 if not reply.succeeded:
                     self._end_session("campaign_key_deleted")
                     return
@@ -914,25 +996,38 @@ class EtcdElectionDriver(DriverBase):
                     break
                 predecessor = found[0].key
                 lowest = reply.responses[1].response_range.kvs
+                next_in_line = bool(lowest) and lowest[0].key == predecessor
+                if next_in_line:
+                    # One watch over a key range holding both the predecessor and
+                    # this node's key: its in-order events show whether this key
+                    # outlived the predecessor, saving a round trip on hand-over.
+                    low, high = sorted((predecessor, key))
+                    watched, watched_end = low, high + b"\0"
+                else:
+                    watched, watched_end = predecessor, b""
                 campaign.waiting_on = predecessor
                 try:
-                    deleted_at = await self._wait_events(
-                        predecessor, b"", reply.header.revision + 1, [rpc.WatchCreateRequest.NOPUT]
+                    events = await self._wait_events(
+                        watched,
+                        watched_end,
+                        reply.header.revision + 1,
+                        [rpc.WatchCreateRequest.NOPUT],
                     )
-                    if deleted_at is not None and lowest and lowest[0].key == predecessor:
-                        # The predecessor was also the lowest key: nothing below this
-                        # node's key is left (lower revisions are never created again).
+                except _CallFailed:
+                    await backoff.wait()
+                    continue
+                if next_in_line and events is not None:
+                    deleted = {event.kv.key: event.kv.mod_revision for event in events}
+                    if predecessor in deleted and key not in deleted:
+                        # Nothing below this key is left (lower create revisions
+                        # are never made again) and this key still existed then.
                         if campaign.won_at is None:
-                            self._won(campaign, deleted_at)
+                            self._won(campaign, deleted[predecessor])
                         break
-                finally:
-                    campaign.waiting_on = None
-                    campaign.step_done.set()
-                    campaign.step_done = anyio.Event()
-            except _CallFailed:
-                await backoff.wait()
-                continue
-            backoff.reset()
+                # Anything else: only the transaction, which compares this node's
+                # own key, decides.
+        finally:
+            campaign.finish_step()
         self._update()
 
     async def _resign(self, campaign: _Campaign) -> None:
@@ -953,16 +1048,23 @@ class EtcdElectionDriver(DriverBase):
             ],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=campaign.key))],
         )
-        with anyio.CancelScope(shield=True):
+        error: str | None = None
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + wait) as scope:
             try:
-                await self._call(lambda c: c.kv.Txn(request, timeout=wait, metadata=c.metadata))
-            except _CallFailed as failure:
-                _log.warning(
-                    "etcd_resign_failed",
-                    node_id=self.node_id,
-                    key=campaign.key.decode("utf-8", "replace"),
-                    error=str(failure),
+                await self._call(
+                    lambda c: c.kv.Txn(request, timeout=wait, metadata=c.metadata), auth_wait=wait
                 )
+            except _CallFailed as failure:
+                error = str(failure)
+        if scope.cancelled_caught:
+            error = f"no answer within {wait:g}s"
+        if error is not None:
+            _log.warning(
+                "etcd_resign_failed",
+                node_id=self.node_id,
+                key=campaign.key.decode("utf-8", "replace"),
+                error=error,
+            )
 
     async def _revoke(self, lease: _Lease) -> None:
         """Best effort, bounded: delete the lease and its key so a successor need not wait."""
@@ -971,18 +1073,25 @@ class EtcdElectionDriver(DriverBase):
         lease.revoked = True
         wait = min(_MAX_RESIGN_WAIT, self._interval)
         request = rpc.LeaseRevokeRequest(ID=lease.id)
-        with anyio.CancelScope(shield=True):
+        error: str | None = None
+        with anyio.CancelScope(shield=True, deadline=anyio.current_time() + wait) as scope:
             try:
                 await self._call(
-                    lambda c: c.lease.LeaseRevoke(request, timeout=wait, metadata=c.metadata)
+                    lambda c: c.lease.LeaseRevoke(request, timeout=wait, metadata=c.metadata),
+                    auth_wait=wait,
                 )
             except _CallFailed as failure:
-                if failure.code != grpc.StatusCode.NOT_FOUND:
-                    _log.warning(
-                        "etcd_lease_revoke_failed",
-                        node_id=self.node_id,
-                        lease_id=f"{lease.id:x}",
-                        error=str(failure),
-                    )
-                return
+                if failure.code == grpc.StatusCode.NOT_FOUND:
+                    return
+                error = str(failure)
+        if scope.cancelled_caught:
+            error = f"no answer within {wait:g}s"
+        if error is not None:
+            _log.warning(
+                "etcd_lease_revoke_failed",
+                node_id=self.node_id,
+                lease_id=f"{lease.id:x}",
+                error=error,
+            )
+            return
         _log.info("etcd_lease_revoked", node_id=self.node_id, lease_id=f"{lease.id:x}")
