@@ -58,6 +58,7 @@ class _Shared(Generic[T]):
         waiters = self.waiters
         if waiters is not None:
             self.waiters = None
+            self.waiting = 0
             waiters.set()
 
     def detach_receiver(self) -> None:
@@ -265,12 +266,14 @@ class WatchReceiver(Generic[T]):
             shared.waiting += 1
             try:
                 await waiters.wait()
-            finally:
-                shared.waiting -= 1
+            except BaseException:
                 # The last waiter to leave an unset event (cancelled) drops it:
                 # an event belongs to one event loop, the channel may outlive it.
-                if shared.waiting == 0 and shared.waiters is waiters:
-                    shared.waiters = None
+                if shared.waiters is waiters:
+                    shared.waiting -= 1
+                    if shared.waiting == 0:
+                        shared.waiters = None
+                raise
             if not self._open:
                 raise ChannelClosed("this receiver was closed")
         self._seen = shared.version
