@@ -24,11 +24,10 @@ from pydantic import BaseModel, ConfigDict
 
 from leaderwatch.hint import LeaderHint, MalformedHint, NoLeaderYet
 from leaderwatch.state import (
-    EPOCH_LIMIT,
     Endpoint,
     Epoch,
     InvalidEndpoint,
-    InvalidEpoch,
+    check_epoch,
     parse_endpoint,
 )
 
@@ -125,13 +124,7 @@ class _Entry(NamedTuple):
 
 
 def _checked_epoch(epoch: int | None) -> int | None:
-    if epoch is None:
-        return None
-    if isinstance(epoch, bool) or not isinstance(epoch, int):
-        raise InvalidEpoch(f"epoch must be an int or None (got {type(epoch).__name__})")
-    if not 0 <= epoch < EPOCH_LIMIT:
-        raise InvalidEpoch(f"epoch must be in [0, 2**128) (got {epoch})")
-    return epoch
+    return None if epoch is None else check_epoch(epoch)
 
 
 class LeaderCache:

@@ -31,6 +31,7 @@ __all__ = [
     "Leader",
     "LeaderState",
     "Unknown",
+    "check_epoch",
     "epoch_from_wire",
     "epoch_to_wire",
     "leader_state_from_json",
@@ -204,7 +205,8 @@ Epoch = Annotated[int, Strict(), Field(ge=0, lt=EPOCH_LIMIT)]
 """An integer in ``[0, 2**128)``; strictly an ``int`` (no strings, floats or bools)."""
 
 
-def _check_epoch(epoch: int) -> int:
+def check_epoch(epoch: int) -> int:
+    """Return ``epoch`` if it is an ``int`` in ``[0, 2**128)``, else raise :class:`InvalidEpoch`."""
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise InvalidEpoch(f"epoch must be an int (got {type(epoch).__name__})")
     if not 0 <= epoch < EPOCH_LIMIT:
@@ -217,7 +219,7 @@ def epoch_to_wire(epoch: int) -> tuple[int, int]:
 
     Tuple order of the halves equals numeric order of the epochs.
     """
-    _check_epoch(epoch)
+    check_epoch(epoch)
     return epoch >> 64, epoch & (_HALF - 1)
 
 

@@ -14,7 +14,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from leaderwatch.channel import WatchReceiver
-from leaderwatch.state import Follower, Leader, Unknown, epoch_to_wire
+from leaderwatch.state import Follower, Leader, Unknown
 from leaderwatch.watch import LeaderWatch, LeaderWatchStats
 
 __all__ = ["DriverBase", "LeadershipDriver", "LeadershipState"]
@@ -46,12 +46,6 @@ class LeadershipDriver(Protocol):
     ) -> bool | None: ...
 
     def leadership(self) -> WatchReceiver[LeadershipState]: ...
-
-
-def checked_epoch(epoch: int) -> int:
-    """Return ``epoch`` if it is an int in ``[0, 2**128)``, else raise ``InvalidEpoch``."""
-    epoch_to_wire(epoch)
-    return epoch
 
 
 class DriverBase:

@@ -340,13 +340,7 @@ class EtcdElectionDriver(DriverBase):
         self._password = password
         self._election = election
         self._prefix = election.encode() + b"/"
-        self._leader_query = rpc.RangeRequest(
-            key=self._prefix,
-            range_end=_prefix_end(self._prefix),
-            limit=1,
-            sort_order=rpc.RangeRequest.ASCEND,
-            sort_target=rpc.RangeRequest.CREATE,
-        )
+        self._leader_query = self._first_key(rpc.RangeRequest.ASCEND)
         self._node_endpoint = own
         self._ttl = ttl
         self._margin = float(chosen)
@@ -377,6 +371,17 @@ class EtcdElectionDriver(DriverBase):
             except InvalidEndpoint as error:
                 raise InvalidEndpoint(f"etcd endpoint {item!r}: {error}") from None
         return tuple(parsed)
+
+    def _first_key(self, order: int, **options: Any) -> Any:
+        """A request for the first key under the election prefix in create order ``order``."""
+        return rpc.RangeRequest(
+            key=self._prefix,
+            range_end=_prefix_end(self._prefix),
+            limit=1,
+            sort_order=order,
+            sort_target=rpc.RangeRequest.CREATE,
+            **options,
+        )
 
     @property
     def election(self) -> str:
@@ -950,25 +955,14 @@ class EtcdElectionDriver(DriverBase):
             ],
             success=[
                 rpc.RequestOp(
-                    request_range=rpc.RangeRequest(
-                        key=self._prefix,
-                        range_end=_prefix_end(self._prefix),
-                        limit=1,
-                        sort_order=rpc.RangeRequest.DESCEND,
-                        sort_target=rpc.RangeRequest.CREATE,
+                    request_range=self._first_key(
+                        rpc.RangeRequest.DESCEND,
                         max_create_revision=revision - 1,
                         keys_only=True,
                     )
                 ),
                 rpc.RequestOp(
-                    request_range=rpc.RangeRequest(
-                        key=self._prefix,
-                        range_end=_prefix_end(self._prefix),
-                        limit=1,
-                        sort_order=rpc.RangeRequest.ASCEND,
-                        sort_target=rpc.RangeRequest.CREATE,
-                        keys_only=True,
-                    )
+                    request_range=self._first_key(rpc.RangeRequest.ASCEND, keys_only=True)
                 ),
             ],
         )

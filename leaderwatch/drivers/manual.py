@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from leaderwatch.drivers._base import DriverBase, checked_epoch
-from leaderwatch.state import Follower, Leader, Unknown, parse_endpoint
+from leaderwatch.drivers._base import DriverBase
+from leaderwatch.state import Follower, Leader, Unknown, check_epoch, parse_endpoint
 
 __all__ = ["ManualDriver"]
 
@@ -24,7 +24,7 @@ class ManualDriver(DriverBase):
 
     def become_leader(self, epoch: int) -> bool:
         """Publish ``Leader(epoch)``."""
-        return self._publish(Leader(epoch=checked_epoch(epoch)))
+        return self._publish(Leader(epoch=check_epoch(epoch)))
 
     def become_follower(
         self, leader_endpoint: str | None = None, leader_epoch: int | None = None
@@ -33,7 +33,7 @@ class ManualDriver(DriverBase):
         if leader_endpoint is not None:
             parse_endpoint(leader_endpoint)
         if leader_epoch is not None:
-            checked_epoch(leader_epoch)
+            check_epoch(leader_epoch)
         return self._publish(Follower(leader_endpoint=leader_endpoint, leader_epoch=leader_epoch))
 
     def become_unknown(self) -> bool:

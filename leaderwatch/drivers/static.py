@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from anyio.abc import TaskGroup
 
-from leaderwatch.drivers._base import DriverBase, checked_epoch
-from leaderwatch.state import Leader
+from leaderwatch.drivers._base import DriverBase
+from leaderwatch.state import Leader, check_epoch
 
 __all__ = ["StaticDriver"]
 
@@ -20,7 +20,7 @@ class StaticDriver(DriverBase):
 
     def __init__(self, epoch: int = 1, *, node_id: str = "static") -> None:
         super().__init__(node_id)
-        self._epoch = checked_epoch(epoch)
+        self._epoch = check_epoch(epoch)
 
     @property
     def epoch(self) -> int:
