@@ -18,7 +18,7 @@ run (``etcd-etcdctl`` row; time until the successor prints its proposal).
 measured (it would take a minute per round).
 
 Adding a driver: write a function ``(args) -> list[Row]`` and register it in
-``DRIVERS``; a driver whose nodes run under ``leaderwatch.drivers._node``
+``DRIVERS``; a driver whose nodes run under ``leaderwatch.testing.runner``
 only needs :func:`measure_runner_group` with its node arguments.
 """
 
@@ -117,7 +117,7 @@ class RunnerGroup:
     """``size`` runner processes of one driver; :meth:`round` takes the leader away once.
 
     ``node_args(i)`` are the runner arguments of node ``i`` (after
-    ``python -m leaderwatch.drivers._node``), e.g. ``["local", "--directory", ...]``.
+    ``python -m leaderwatch.testing.runner``), e.g. ``["local", "--directory", ...]``.
     ``registered()``, when given, counts the candidates the backend knows of;
     each round waits until it reaches ``size``.
     """

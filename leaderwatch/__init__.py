@@ -1,17 +1,40 @@
 """leaderwatch: who leads, at which epoch, and may this node serve.
 
-The public names are re-exported here; everything else lives in its
-submodule (``leaderwatch.channel``, ``leaderwatch.redirect``,
-``leaderwatch.client``, ``leaderwatch.drivers``).
+The rule for the public API: **this top level exports everything a server
+and a client need** — the leadership values, the watch and the serving
+task, the redirect decision, the client's leader cache, the drivers' names
+and the one root error, :class:`LeaderwatchError`. Everything else (the
+generic watch channel, hint wire parsers, statistics records, the driver
+base class, log formatting, test tools) lives in its submodule:
+``leaderwatch.channel``, ``leaderwatch.hint``, ``leaderwatch.redirect``,
+``leaderwatch.client``, ``leaderwatch.drivers``, ``leaderwatch.logs``,
+``leaderwatch.testing``. Names starting with ``_`` are private everywhere.
+
+Drivers that need an extra (``EtcdElectionDriver``: ``pip install
+'leaderwatch[etcd]'``) are imported on first use and visible to type
+checkers.
 """
 
-from leaderwatch.channel import ChannelClosed, WatchReceiver, WatchSender, watch_channel
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from leaderwatch.channel import ChannelClosed, WatchReceiver
+from leaderwatch.client import LeaderCache
+from leaderwatch.drivers import (
+    LeadershipDriver,
+    LocalElectionDriver,
+    ManualDriver,
+    StaticDriver,
+)
+from leaderwatch.errors import LeaderwatchError
+from leaderwatch.hint import LeaderHint, NoLeaderYet
+from leaderwatch.redirect import Redirect, Serve, decide
 from leaderwatch.serving import (
     BaseLeadershipHandler,
     LeadershipHandler,
     LeadershipStreamClosed,
     LeaderWatchTask,
-    LeaderWatchTaskStats,
     NotServing,
     RetryBackoff,
     Serving,
@@ -32,7 +55,10 @@ from leaderwatch.state import (
     leader_state_from_json,
     parse_endpoint,
 )
-from leaderwatch.watch import EpochRegression, LeaderWatch, LeaderWatchStats
+from leaderwatch.watch import EpochRegression, LeaderWatch
+
+if TYPE_CHECKING:
+    from leaderwatch.drivers.etcd import EtcdElectionDriver as EtcdElectionDriver
 
 __all__ = [
     "BaseLeadershipHandler",
@@ -44,24 +70,47 @@ __all__ = [
     "InvalidEndpoint",
     "InvalidEpoch",
     "Leader",
+    "LeaderCache",
+    "LeaderHint",
     "LeaderState",
     "LeaderWatch",
-    "LeaderWatchStats",
     "LeaderWatchTask",
-    "LeaderWatchTaskStats",
+    "LeadershipDriver",
     "LeadershipHandler",
     "LeadershipStreamClosed",
+    "LeaderwatchError",
+    "LocalElectionDriver",
+    "ManualDriver",
+    "NoLeaderYet",
     "NotServing",
+    "Redirect",
     "RetryBackoff",
+    "Serve",
     "Serving",
     "ServingState",
+    "StaticDriver",
     "TransientLeadershipError",
     "Unknown",
     "WatchReceiver",
-    "WatchSender",
+    "decide",
     "epoch_from_wire",
     "epoch_to_wire",
     "leader_state_from_json",
     "parse_endpoint",
-    "watch_channel",
 ]
+
+_LAZY_DRIVERS = frozenset({"EtcdElectionDriver"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_DRIVERS:
+        import leaderwatch.drivers
+
+        value = getattr(leaderwatch.drivers, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY_DRIVERS])

@@ -23,12 +23,14 @@ from typing import Generic, TypeVar
 
 import anyio
 
+from leaderwatch.errors import LeaderwatchError
+
 __all__ = ["ChannelClosed", "WatchReceiver", "WatchSender", "watch_channel"]
 
 T = TypeVar("T")
 
 
-class ChannelClosed(Exception):
+class ChannelClosed(LeaderwatchError):
     """The sender closed the channel (or this receiver was closed)."""
 
 

@@ -8,21 +8,26 @@ import sys
 from collections.abc import Sequence
 
 import anyio
-import structlog
 
 from leaderwatch._demo import run_demo
+from leaderwatch.logs import JSONFormatter
 
 __all__ = ["main"]
 
 
-def _configure_logging(verbose: bool) -> None:
-    # The CLI is an application: it may configure logging; the library never does.
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.INFO if verbose else logging.ERROR
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+def configure_logging(level: int, *, json_lines: bool = False) -> None:
+    """Send leaderwatch's log events at ``level`` and above to stderr (applications only).
+
+    The CLI is an application, so it may configure logging; the library never does.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("leaderwatch")
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("-v", "--verbose", action="store_true", help="show the library's info logs")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        _configure_logging(args.verbose)
+        configure_logging(logging.INFO if args.verbose else logging.ERROR)
         anyio.run(run_demo)
         return 0
     parser.error(f"unknown command {args.command!r}")

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final, NamedTuple
 
-import structlog
 from pydantic import BaseModel, ConfigDict
 
+from leaderwatch._log import get_logger
+from leaderwatch._value import FrozenValue
 from leaderwatch.hint import LeaderHint, MalformedHint, NoLeaderYet
 from leaderwatch.state import (
     Endpoint,
@@ -43,7 +44,7 @@ __all__ = [
     "Stale",
 ]
 
-_log = structlog.get_logger("leaderwatch.client")
+_log = get_logger("leaderwatch.client")
 
 REFUSAL_REASONS: Final = (
     "epoch_below_cached",
@@ -66,11 +67,7 @@ class CachedLeader(NamedTuple):
     epoch: int | None
 
 
-class _Value(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Follow(_Value):
+class Follow(FrozenValue):
     """The hint seated the cache: call ``endpoint`` (cached epoch ``epoch``)."""
 
     __match_args__ = ("endpoint", "epoch")
@@ -78,7 +75,7 @@ class Follow(_Value):
     epoch: Epoch | None = None
 
 
-class Rejected(_Value):
+class Rejected(FrozenValue):
     """The hint was refused before reaching the cache (malformed, or a transport downgrade).
 
     ``rule`` is a stable name (``plaintext_downgrade`` or the
@@ -90,7 +87,7 @@ class Rejected(_Value):
     rule: str
 
 
-class Stale(_Value):
+class Stale(FrozenValue):
     """The hint cannot outrank the cached leader; the cache is untouched."""
 
     __match_args__ = ("endpoint", "epoch")

@@ -23,8 +23,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from leaderwatch._value import FrozenValue
 from leaderwatch.state import (
     EPOCH_LIMIT,
     MAX_ENDPOINT_LENGTH,
@@ -69,11 +70,7 @@ def _shown(text: str) -> str:
     return repr(text) if len(text) <= 40 else repr(text[:37]) + "..."
 
 
-class _Value(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class LeaderHint(_Value):
+class LeaderHint(FrozenValue):
     """Where the leader is, as far as the replying node knows.
 
     ``leader_endpoint`` follows the core's endpoint rules (scheme-less
@@ -99,7 +96,7 @@ class LeaderHint(_Value):
         return headers
 
 
-class MalformedHint(_Value):
+class MalformedHint(FrozenValue):
     """A wire hint that breaks a rule; never raised, always returned.
 
     ``rule`` is a stable snake_case name of the rule broken (for counting),
@@ -116,7 +113,7 @@ class MalformedHint(_Value):
     leader_epoch: Epoch | None = None
 
 
-class NoLeaderYet(_Value):
+class NoLeaderYet(FrozenValue):
     """No leader can be named yet (an election is under way): retry with backoff.
 
     ``leader_epoch`` is the newest epoch known to the replying node, if any.

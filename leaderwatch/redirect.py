@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
+from leaderwatch._value import FrozenValue
 from leaderwatch.hint import LeaderHint, NoLeaderYet
 from leaderwatch.serving import NotServing, Serving
 from leaderwatch.state import Epoch, parse_endpoint, same_endpoint
@@ -17,18 +16,14 @@ from leaderwatch.state import Epoch, parse_endpoint, same_endpoint
 __all__ = ["LeaderHint", "NoLeaderYet", "Redirect", "Serve", "decide"]
 
 
-class _Value(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Serve(_Value):
+class Serve(FrozenValue):
     """Serve the request: this node leads at ``epoch`` and is fenced."""
 
     __match_args__ = ("epoch",)
     epoch: Epoch
 
 
-class Redirect(_Value):
+class Redirect(FrozenValue):
     """Refuse the request and send the client ``hint`` (another node leads)."""
 
     __match_args__ = ("hint",)

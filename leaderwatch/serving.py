@@ -17,12 +17,14 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Final, Literal, Protocol, runtime_checkable
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from leaderwatch._log import get_logger
+from leaderwatch._value import FrozenValue
 from leaderwatch.channel import ChannelClosed, WatchReceiver, WatchSender
-from leaderwatch.state import Endpoint, Epoch, Follower, Leader, Unknown
+from leaderwatch.errors import LeaderwatchError
+from leaderwatch.state import Endpoint, Epoch, Follower, Leader, LeaderState
 
 __all__ = [
     "EVENT_NAMES",
@@ -38,7 +40,7 @@ __all__ = [
     "TransientLeadershipError",
 ]
 
-_log = structlog.get_logger("leaderwatch.serving")
+_log = get_logger("leaderwatch.serving")
 
 EVENT_NAMES: Final = (
     "serving_gate_changed",
@@ -50,14 +52,10 @@ EVENT_NAMES: Final = (
     "leadership_stream_closed",
     "leadership_task_cancelled",
 )
-"""Every structlog event this module emits (stable names)."""
+"""Every log event this module emits (stable names)."""
 
 
-class _Value(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Serving(_Value):
+class Serving(FrozenValue):
     """This node leads at ``epoch`` and its ``on_leader(epoch)`` has completed: serve."""
 
     __match_args__ = ("epoch",)
@@ -65,7 +63,7 @@ class Serving(_Value):
     epoch: Epoch
 
 
-class NotServing(_Value):
+class NotServing(FrozenValue):
     """This node must not serve; the leader's endpoint and epoch, each when known."""
 
     __match_args__ = ("leader_endpoint", "leader_epoch")
@@ -78,11 +76,11 @@ ServingState = Annotated[Serving | NotServing, Field(discriminator="kind")]
 """One of :class:`Serving`, :class:`NotServing`."""
 
 
-class TransientLeadershipError(Exception):
+class TransientLeadershipError(LeaderwatchError):
     """Raised by a handler for a failure worth retrying (the task retries with backoff)."""
 
 
-class LeadershipStreamClosed(Exception):
+class LeadershipStreamClosed(LeaderwatchError):
     """The leadership channel closed (its driver is gone); the gate was closed first."""
 
 
@@ -119,7 +117,7 @@ class BaseLeadershipHandler:
         """Do nothing."""
 
 
-class RetryBackoff(_Value):
+class RetryBackoff(FrozenValue):
     """How :class:`LeaderWatchTask` retries a handler raising :class:`TransientLeadershipError`.
 
     Delays start at ``initial`` seconds and grow by ``multiplier`` up to
@@ -161,7 +159,7 @@ class LeaderWatchTaskStats(BaseModel):
     """The largest fence latency seen."""
 
 
-def _closed_gate(state: Leader | Follower | Unknown) -> NotServing:
+def _closed_gate(state: LeaderState) -> NotServing:
     match state:
         case Leader(epoch=epoch):
             return NotServing(leader_epoch=epoch)
@@ -217,7 +215,7 @@ class LeaderWatchTask:
 
     def __init__(
         self,
-        leadership: WatchReceiver[Leader | Follower | Unknown],
+        leadership: WatchReceiver[LeaderState],
         handler: LeadershipHandler,
         *,
         retry_backoff: RetryBackoff | None = None,
@@ -350,9 +348,7 @@ class LeaderWatchTask:
                     "the leadership channel closed (its driver is gone); the gate is closed"
                 )
 
-    async def _cancel_on_change(
-        self, handled: Leader | Follower | Unknown, scope: anyio.CancelScope
-    ) -> None:
+    async def _cancel_on_change(self, handled: LeaderState, scope: anyio.CancelScope) -> None:
         leadership = self._leadership
         while True:
             try:
@@ -368,7 +364,7 @@ class LeaderWatchTask:
                 scope.cancel()
                 return
 
-    async def _handle(self, state: Leader | Follower | Unknown, scope: anyio.CancelScope) -> None:
+    async def _handle(self, state: LeaderState, scope: anyio.CancelScope) -> None:
         self._transitions += 1
         handler = self._handler
         match state:

@@ -13,12 +13,13 @@ from typing import Annotated, Final, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     Strict,
     TypeAdapter,
 )
+
+from leaderwatch._value import FrozenValue
+from leaderwatch.errors import LeaderwatchError
 
 __all__ = [
     "EPOCH_LIMIT",
@@ -55,11 +56,11 @@ _SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _DOTTED_NUMERIC: Final = re.compile(r"[0-9.]+")
 
 
-class InvalidEndpoint(ValueError):
+class InvalidEndpoint(LeaderwatchError, ValueError):
     """An endpoint is not a scheme-less ``host:port``; the message names the rule."""
 
 
-class InvalidEpoch(ValueError):
+class InvalidEpoch(LeaderwatchError, ValueError):
     """An epoch (or one of its wire halves) is outside its range."""
 
 
@@ -233,11 +234,7 @@ def epoch_from_wire(hi: int, lo: int) -> int:
     return (hi << 64) | lo
 
 
-class _Value(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Leader(_Value):
+class Leader(FrozenValue):
     """This node is the elected leader at ``epoch``."""
 
     __match_args__ = ("epoch",)
@@ -245,7 +242,7 @@ class Leader(_Value):
     epoch: Epoch
 
 
-class Follower(_Value):
+class Follower(FrozenValue):
     """This node follows; the leader's endpoint and epoch, each when known.
 
     ``leader_endpoint`` is refused at construction unless it is a scheme-less
@@ -258,7 +255,7 @@ class Follower(_Value):
     leader_epoch: Epoch | None = None
 
 
-class Unknown(_Value):
+class Unknown(FrozenValue):
     """No leader is currently known (election in progress, partition, ...)."""
 
     __match_args__ = ()

@@ -10,20 +10,21 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-import structlog
 from pydantic import BaseModel, ConfigDict
 
+from leaderwatch._log import get_logger
 from leaderwatch.channel import ChannelClosed, WatchReceiver, WatchSender
-from leaderwatch.state import Follower, Leader, Unknown, observed_epoch
+from leaderwatch.errors import LeaderwatchError
+from leaderwatch.state import Follower, Leader, LeaderState, Unknown, observed_epoch
 
 __all__ = ["EpochRegression", "LeaderWatch", "LeaderWatchStats"]
 
-_log = structlog.get_logger("leaderwatch.watch")
+_log = get_logger("leaderwatch.watch")
 
 _STATE_TYPES = (Leader, Follower, Unknown)
 
 
-class EpochRegression(RuntimeError):
+class EpochRegression(LeaderwatchError, RuntimeError):
     """A driver published an epoch below this node's high-water mark (strict mode).
 
     By the time this is raised, ``Unknown()`` has been published in place of
@@ -54,7 +55,7 @@ class LeaderWatchStats(BaseModel):
     """Values refused because their epoch was below the high-water mark."""
 
 
-def _as_log(state: Leader | Follower | Unknown) -> dict[str, Any]:
+def _as_log(state: LeaderState) -> dict[str, Any]:
     return state.model_dump(mode="json")
 
 
@@ -88,7 +89,7 @@ class LeaderWatch:
         self,
         node_id: str,
         *,
-        initial: Leader | Follower | Unknown | None = None,
+        initial: LeaderState | None = None,
         strict: bool = False,
     ) -> None:
         start = Unknown() if initial is None else initial
@@ -96,7 +97,7 @@ class LeaderWatch:
             raise TypeError(f"initial must be a LeaderState (got {type(start).__name__})")
         self._node_id = node_id
         self._strict = strict
-        self._sender: WatchSender[Leader | Follower | Unknown] = WatchSender(start)
+        self._sender: WatchSender[LeaderState] = WatchSender(start)
         self._high_water = observed_epoch(start)
         self._delivered = 0
         self._suppressed = 0
@@ -108,7 +109,7 @@ class LeaderWatch:
         return self._node_id
 
     @property
-    def current(self) -> Leader | Follower | Unknown:
+    def current(self) -> LeaderState:
         """The value subscribers see now."""
         return self._sender.borrow()
 
@@ -131,7 +132,7 @@ class LeaderWatch:
         """Whether :meth:`close` was called."""
         return self._sender.is_closed
 
-    def subscribe(self) -> WatchReceiver[Leader | Follower | Unknown]:
+    def subscribe(self) -> WatchReceiver[LeaderState]:
         """A new receiver; ``async for`` over it yields the current value first.
 
         Iteration never yields two equal values in a row, even when a reader
@@ -139,7 +140,7 @@ class LeaderWatch:
         """
         return self._sender.subscribe(distinct=True)
 
-    def publish(self, state: Leader | Follower | Unknown) -> bool:
+    def publish(self, state: LeaderState) -> bool:
         """Offer ``state``; return ``True`` iff it was delivered to subscribers.
 
         ``False`` means it equalled the current value (suppressed) or its
@@ -160,7 +161,7 @@ class LeaderWatch:
                 self._high_water = epoch
         return self._deliver(state)
 
-    def _deliver(self, state: Leader | Follower | Unknown, *, offered: bool = True) -> bool:
+    def _deliver(self, state: LeaderState, *, offered: bool = True) -> bool:
         sender = self._sender
         previous = sender.borrow()
         if not sender.send_if_changed(state):

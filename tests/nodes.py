@@ -1,7 +1,7 @@
 """Spawn election node processes and watch what they report, with deadlines.
 
 Backend-agnostic: a node is any command that prints one JSON object per
-line, ``{"node", "pid", "t", "state"}`` as ``leaderwatch.drivers._node``
+line, ``{"node", "pid", "t", "state"}`` as ``leaderwatch.testing.runner``
 does. Used by the multi-process tests and by ``benchmarks/failover.py``.
 
     with NodeSet() as nodes:
@@ -35,8 +35,8 @@ __all__ = [
     "assert_one_leader_per_epoch",
 ]
 
-RUNNER: tuple[str, ...] = (sys.executable, "-m", "leaderwatch.drivers._node")
-"""The command prefix that starts ``leaderwatch.drivers._node``."""
+RUNNER: tuple[str, ...] = (sys.executable, "-m", "leaderwatch.testing.runner")
+"""The command prefix that starts ``leaderwatch.testing.runner``."""
 
 State = Leader | Follower | Unknown
 

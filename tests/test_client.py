@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +24,7 @@ from leaderwatch.client import (
 )
 from leaderwatch.hint import LeaderHint, MalformedHint, hint_from_wire, parse_hint_headers
 from leaderwatch.state import InvalidEndpoint, InvalidEpoch
+from leaderwatch.testing import capture_events
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURED = ["a:1", "b:1", "c:1"]
@@ -212,7 +212,7 @@ def test_cache_rule(rule: Rule) -> None:
 def test_refusals_are_logged_with_a_stable_event_and_counted() -> None:
     cache, _ = make_cache()
     cache.compare_and_set_leader("a:1", 9)
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         assert not cache.compare_and_set_leader("x:1", None)
         assert not cache.record_success("b:1", 3)
     assert [(e["event"], e["reason"], e["source"]) for e in logs] == [
@@ -405,7 +405,7 @@ def test_classify_counts_stripped_schemes_and_refuses_other_types() -> None:
 
 def test_downgrade_is_logged_as_a_warning() -> None:
     cache, _ = make_cache(tls_required=True)
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         cache.classify(hint_from_wire("http://b:1", 1))
     assert [(e["event"], e["rule"], e["log_level"]) for e in logs] == [
         ("leader_hint_rejected", "plaintext_downgrade", "warning")

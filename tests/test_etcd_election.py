@@ -18,7 +18,6 @@ from typing import Any
 import anyio
 import anyio.abc
 import pytest
-import structlog.testing
 from etcd_server import EtcdKey, EtcdServer, etcd_server, free_port
 
 from leaderwatch.drivers.etcd import (
@@ -28,6 +27,7 @@ from leaderwatch.drivers.etcd import (
     EtcdUnavailable,
 )
 from leaderwatch.state import Follower, InvalidEndpoint, Leader, Unknown, observed_epoch
+from leaderwatch.testing import capture_events
 
 State = Leader | Follower | Unknown
 TTL = 2  # etcd's smallest useful lease; margin defaults to 0.5 s, so the proof lasts 1.5 s
@@ -374,7 +374,7 @@ async def test_a_leader_value_that_is_not_an_endpoint_gives_follower_none_and_an
     key = f"{election}/{lease}"
     await etcdctl(etcd, "put", f"--lease={lease}", key, "http://10.0.0.9:80")
     (found,) = await keys(etcd, election)
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with anyio.create_task_group() as task_group:
             observer = await start(task_group, driver(etcd, election))
             await observer.wait_for(follows(None, found.create_revision))
@@ -445,7 +445,7 @@ async def test_etcdctl_sees_our_leader_and_takes_over_when_it_resigns(
 async def test_frozen_etcd_makes_the_leader_step_down_before_its_lease_can_expire(
     etcd: EtcdServer, election: str
 ) -> None:
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with anyio.create_task_group() as task_group:
             observer = await start(task_group, driver(etcd, election))
             first = await start(task_group, driver(etcd, election, A))
@@ -607,7 +607,7 @@ async def test_a_leader_below_a_published_epoch_gives_unknown_and_one_error_log(
         (behind,) = await keys(older, election)
         await etcdctl(etcd, "put", f"{election}-pad", "x")  # its revision exceeds older's
         await etcdctl(etcd, "del", f"{election}-pad")
-        with structlog.testing.capture_logs() as logs:
+        with capture_events() as logs:
             async with anyio.create_task_group() as task_group:
                 relay = Relay(etcd.port)
                 await task_group.start(relay.serve)

@@ -1,4 +1,4 @@
-"""Three ``python -m leaderwatch.drivers._node etcd`` processes on a real etcd server."""
+"""Three ``python -m leaderwatch.testing.runner etcd`` processes on a real etcd server."""
 
 from __future__ import annotations
 

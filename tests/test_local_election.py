@@ -12,7 +12,6 @@ from pathlib import Path
 import anyio
 import anyio.abc
 import pytest
-import structlog.testing
 from nodes import (
     NodeProcess,
     NodeSet,
@@ -25,11 +24,16 @@ from leaderwatch.drivers import (
     ElectionStateCorrupt,
     LocalElectionDriver,
     LocalElectionError,
+)
+from leaderwatch.drivers.local import (
+    EPOCH_FILE,
+    LOCK_FILE,
+    RECORD_FILE,
     LocalEpochCounter,
     LocalLeaderRecord,
 )
-from leaderwatch.drivers.local import EPOCH_FILE, LOCK_FILE, RECORD_FILE
 from leaderwatch.state import Follower, InvalidEndpoint, Leader, Unknown
+from leaderwatch.testing import capture_events
 
 State = Leader | Follower | Unknown
 POLL = 0.01
@@ -200,7 +204,7 @@ async def test_corrupt_record_makes_followers_unknown_without_crashing(
     record.write_text('{"epoch": 4, "leader_endpoint": "10.0.0')
     writer = HeldLock(tmp_path, RECORD_FILE)  # the live leader's hold; write_text keeps the inode
     (tmp_path / EPOCH_FILE).write_text('{"epoch": 4}')
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with driver(tmp_path, B) as follower:
             assert follower.current == Unknown()
             corrupt = [e for e in logs if e["event"] == "local_election_record_corrupt"]
@@ -236,7 +240,7 @@ async def test_new_leader_refuses_when_no_epoch_source_is_readable(tmp_path: Pat
     (tmp_path / EPOCH_FILE).write_text('{"epoch": -3}')
     node = driver(tmp_path, A)
     with (
-        structlog.testing.capture_logs() as logs,
+        capture_events() as logs,
         pytest.raises(ElectionStateCorrupt, match="both unreadable"),
     ):
         async with node:
@@ -309,7 +313,7 @@ async def test_a_record_behind_this_nodes_epochs_is_unknown_and_logged_once(
     writer = live_record(tmp_path, 5, A)
     node = LocalElectionDriver(tmp_path, node_endpoint=B, poll_interval=POLL, strict=strict)
     try:
-        with structlog.testing.capture_logs() as logs:
+        with capture_events() as logs:
             async with node:
                 assert node.current == Follower(leader_endpoint=A, leader_epoch=5)
                 writer.release()
@@ -344,7 +348,7 @@ async def test_a_corrupt_counter_is_logged_and_the_record_continues_the_sequence
     )
     counter = tmp_path / EPOCH_FILE
     counter.write_text('{"epoch": ')
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with driver(tmp_path, B) as node:
             assert node.current == Leader(epoch=8)
     corrupt = [e for e in logs if e["event"] == "local_election_epoch_corrupt"]
@@ -360,7 +364,7 @@ async def test_leader_repairs_a_damaged_epoch_counter(tmp_path: Path) -> None:
     def repaired() -> bool:
         return counter.exists() and counter.read_bytes() == good
 
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with driver(tmp_path, A) as leader:
             good = counter.read_bytes()
             assert LocalEpochCounter.model_validate_json(good).epoch == 1
@@ -421,7 +425,7 @@ async def test_leader_restores_a_damaged_record(tmp_path: Path) -> None:
 async def test_leader_steps_down_when_its_directory_is_deleted(tmp_path: Path) -> None:
     directory = tmp_path / "election"
     seen: list[State] = []
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with driver(directory, A) as leader, anyio.create_task_group() as task_group:
             task_group.start_soon(collect, leader.leadership(), seen)
             await anyio.wait_all_tasks_blocked()

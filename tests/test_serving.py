@@ -10,7 +10,6 @@ from pathlib import Path
 
 import anyio
 import pytest
-import structlog
 from anyio.abc import TaskGroup
 from pydantic import TypeAdapter, ValidationError
 
@@ -28,6 +27,7 @@ from leaderwatch.serving import (
     TransientLeadershipError,
 )
 from leaderwatch.state import Follower, Leader, Unknown
+from leaderwatch.testing import capture_events
 from leaderwatch.watch import LeaderWatch
 
 pytestmark = pytest.mark.anyio
@@ -456,7 +456,7 @@ async def test_stuck_retries_warn_periodically() -> None:
     handler = SlowFlaky(failures=7)
     backoff = RetryBackoff(initial=0.001, maximum=0.001, stuck_warning_interval=10.0)
     task, _ = make_task(watch, handler, retry_backoff=backoff, clock=lambda: now[0])
-    with structlog.testing.capture_logs() as logs:
+    with capture_events() as logs:
         async with running(task):
             await gate_becomes(task, Serving(epoch=5))
     stuck = [entry for entry in logs if entry["event"] == "leadership_handler_retry_stuck"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import anyio
 import pytest
 import structlog
-from structlog.testing import capture_logs
 
 from leaderwatch import (
     ChannelClosed,
@@ -15,6 +14,7 @@ from leaderwatch import (
     LeaderWatch,
     Unknown,
 )
+from leaderwatch.testing import capture_events
 
 pytestmark = pytest.mark.anyio
 
@@ -77,7 +77,7 @@ def test_regression_is_never_delivered_and_unknown_takes_its_place() -> None:
     rx = watch.subscribe()
     watch.publish(Leader(epoch=7))
     rx.borrow_and_update()
-    with capture_logs() as logs:
+    with capture_events() as logs:
         assert watch.publish(Leader(epoch=6)) is False
     assert rx.borrow_and_update() == Unknown()
     assert watch.current == Unknown()
@@ -133,7 +133,7 @@ def test_strict_mode_raises_after_publishing_unknown() -> None:
 
 def test_each_delivered_transition_is_logged_once() -> None:
     watch = LeaderWatch("n1")
-    with capture_logs() as logs:
+    with capture_events() as logs:
         watch.publish(Leader(epoch=1))
         watch.publish(Leader(epoch=1))
         watch.publish(Follower(leader_endpoint="b:2", leader_epoch=2))

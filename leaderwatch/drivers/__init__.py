@@ -9,18 +9,20 @@ and needs the ``etcd`` extra (``pip install 'leaderwatch[etcd]'``).
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from leaderwatch.drivers._base import DriverBase, LeadershipDriver, LeadershipState
+from leaderwatch.drivers._base import DriverBase, LeadershipDriver
+from leaderwatch.drivers._timing import LeaseTiming
 from leaderwatch.drivers.local import (
     ElectionStateCorrupt,
     LocalElectionDriver,
     LocalElectionError,
-    LocalEpochCounter,
-    LocalLeaderRecord,
 )
 from leaderwatch.drivers.manual import ManualDriver
 from leaderwatch.drivers.static import StaticDriver
+
+if TYPE_CHECKING:
+    from leaderwatch.drivers.etcd import EtcdElectionDriver as EtcdElectionDriver
 
 # EtcdElectionDriver is left out of __all__ so that ``import *`` works
 # without the etcd extra installed.
@@ -28,11 +30,9 @@ __all__ = [
     "DriverBase",
     "ElectionStateCorrupt",
     "LeadershipDriver",
-    "LeadershipState",
+    "LeaseTiming",
     "LocalElectionDriver",
     "LocalElectionError",
-    "LocalEpochCounter",
-    "LocalLeaderRecord",
     "ManualDriver",
     "StaticDriver",
 ]

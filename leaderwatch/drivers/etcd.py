@@ -15,19 +15,26 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.lowlevel
 import grpc  # type: ignore[import-untyped]
 import sniffio
-import structlog
 from aetcd import rpc
 from anyio.abc import TaskGroup
 
-from leaderwatch.drivers._base import DriverBase, LeadershipState
-from leaderwatch.state import Follower, InvalidEndpoint, Leader, Unknown, parse_endpoint
+from leaderwatch._log import get_logger
+from leaderwatch.drivers._base import DriverBase
+from leaderwatch.errors import LeaderwatchError
+from leaderwatch.state import (
+    Follower,
+    InvalidEndpoint,
+    Leader,
+    LeaderState,
+    Unknown,
+    parse_endpoint,
+)
 
 __all__ = [
     "EtcdAuthError",
@@ -36,7 +43,7 @@ __all__ = [
     "EtcdUnavailable",
 ]
 
-_log = structlog.get_logger("leaderwatch.drivers.etcd")
+_log = get_logger("leaderwatch.drivers.etcd")
 
 _T = TypeVar("_T")
 
@@ -52,7 +59,7 @@ _MAX_RESIGN_WAIT: Final = 1.0
 _MAX_BACKOFF: Final = 1.0
 
 
-class EtcdElectionError(RuntimeError):
+class EtcdElectionError(LeaderwatchError, RuntimeError):
     """The etcd election cannot start or run; the message says why and what to do."""
 
 
@@ -357,7 +364,6 @@ class EtcdElectionDriver(DriverBase):
         self._high_water_at = -math.inf
         self._campaign: _Campaign | None = None
         self._session: anyio.CancelScope | None = None
-        self._closing = False
 
     @staticmethod
     def _parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
@@ -420,6 +426,14 @@ class EtcdElectionDriver(DriverBase):
         campaign = self._campaign
         return None if campaign is None else campaign.revision
 
+    @property
+    def proven_until(self) -> float:
+        """Until when (``anyio.current_time()``) this node's leadership is proven; see the class."""
+        campaign = self._campaign
+        if campaign is None or campaign.won_at is None:
+            return -math.inf
+        return campaign.lease.proven_until
+
     # -- lifecycle -----------------------------------------------------------------
 
     async def _start(self, task_group: TaskGroup) -> None:
@@ -446,23 +460,17 @@ class EtcdElectionDriver(DriverBase):
             if self._conn is not None:
                 await self._conn.close()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        # On a plain exit, resign before the background tasks are torn down, so
-        # a successor is not kept waiting for their cancellation. (Under
-        # cancellation the campaign's own cleanup resigns, shielded.)
-        self._closing = True
+    async def _resign(self) -> None:
+        # Resign before the background tasks are torn down, so a successor is
+        # not kept waiting for their cancellation.
         campaign = self._campaign
-        if campaign is not None and exc_type is None:
+        if campaign is not None:
             self._campaign = None
             self._update()
-            await self._resign(campaign)
+            await self._delete_key(campaign)
             await self._revoke(campaign.lease)
-        return await super().__aexit__(exc_type, exc, tb)
+        if self._session is not None:
+            self._session.cancel()
 
     # -- connections ---------------------------------------------------------------
 
@@ -728,7 +736,7 @@ class EtcdElectionDriver(DriverBase):
                 )
             return None
 
-    def _state_now(self) -> LeadershipState:
+    def _state_now(self) -> LeaderState:
         now = anyio.current_time()
         campaign = self._campaign
         if (
@@ -773,10 +781,10 @@ class EtcdElectionDriver(DriverBase):
 
     async def _campaign_loop(self) -> None:
         backoff = _Backoff(0.05, min(_MAX_BACKOFF, self._interval))
-        while not self._closing:
+        while self.campaigning:
             lease = await self._grant()
-            if self._closing:
-                # The driver is leaving: never start a campaign it would not resign.
+            if not self.campaigning:
+                # The driver resigned or is leaving: never start a campaign it would not resign.
                 await self._revoke(lease)
                 return
             started = anyio.current_time()
@@ -875,7 +883,7 @@ class EtcdElectionDriver(DriverBase):
         was_leader = campaign is not None and campaign.won_at is not None
         self._campaign = None
         self._update()
-        if self._closing:
+        if not self.campaigning:
             if self._session is not None:
                 self._session.cancel()
             return
@@ -1024,7 +1032,7 @@ class EtcdElectionDriver(DriverBase):
             campaign.finish_step()
         self._update()
 
-    async def _resign(self, campaign: _Campaign) -> None:
+    async def _delete_key(self, campaign: _Campaign) -> None:
         """Best effort, bounded: delete this node's key, which wakes its successor at once.
 
         Deleting the key is one etcd proposal, like ``etcdctl elect``'s resign;

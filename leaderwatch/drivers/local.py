@@ -20,17 +20,19 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 import anyio
-import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from leaderwatch.drivers._base import DriverBase, LeadershipState
+from leaderwatch._log import get_logger
+from leaderwatch.drivers._base import DriverBase
+from leaderwatch.errors import LeaderwatchError
 from leaderwatch.state import (
     EPOCH_LIMIT,
     Endpoint,
     Epoch,
     Follower,
     Leader,
+    LeaderState,
     Unknown,
     parse_endpoint,
 )
@@ -49,7 +51,7 @@ __all__ = [
     "LocalLeaderRecord",
 ]
 
-_log = structlog.get_logger("leaderwatch.drivers.local")
+_log = get_logger("leaderwatch.drivers.local")
 
 LOCK_FILE: Final = "leader.lock"
 """The file candidates lock; never written, never deleted."""
@@ -63,7 +65,7 @@ _MAX_FILE_SIZE: Final = 64 * 1024
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
-class LocalElectionError(RuntimeError):
+class LocalElectionError(LeaderwatchError, RuntimeError):
     """The election directory cannot be used; the message says why and what to do."""
 
 
@@ -530,7 +532,7 @@ class LocalElectionDriver(DriverBase):
     def _follow(self) -> None:
         found = _read(self._record_path, LocalLeaderRecord, held_only=True)
         high_water = self._watch.high_water
-        state: LeadershipState = Unknown()
+        state: LeaderState = Unknown()
         if isinstance(found, _Corrupt):
             self._report(
                 "local_election_record_corrupt", path=str(self._record_path), reason=found.reason

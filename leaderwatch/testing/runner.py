@@ -1,7 +1,7 @@
 """Run one election node and report each leadership transition as a JSON line.
 
-``python -m leaderwatch.drivers._node local --directory D --endpoint host:port``
-``python -m leaderwatch.drivers._node etcd --endpoints H:P --election NAME [--endpoint host:port]``
+``python -m leaderwatch.testing.runner local --directory D --endpoint host:port``
+``python -m leaderwatch.testing.runner etcd --endpoints H:P --election NAME [--endpoint host:port]``
 
 Stdout carries only JSON lines, one per transition, each flushed::
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import anyio
-import structlog
 
+from leaderwatch.cli import configure_logging
 from leaderwatch.drivers._base import DriverBase
 from leaderwatch.drivers.local import LocalElectionDriver
 
@@ -114,7 +114,7 @@ BACKENDS: list[NodeBackend] = [
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m leaderwatch.drivers._node",
+        prog="python -m leaderwatch.testing.runner",
         description="Campaign in an election and print one JSON line per leadership transition.",
     )
     parser.add_argument(
@@ -173,18 +173,7 @@ def _errors(error: BaseException) -> list[BaseException]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a node until SIGTERM/SIGINT; returns the exit status."""
     args = _parser().parse_args(argv)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[args.log_level.upper()]
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )
+    configure_logging(logging.getLevelNamesMapping()[args.log_level.upper()], json_lines=True)
     driver: DriverBase = args.open_driver(args, args.node_id)
     try:
         anyio.run(_run, driver, sys.stdout, backend=args.backend)
