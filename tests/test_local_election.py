@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import shutil
 import warnings
@@ -572,3 +573,22 @@ def test_sigterm_hands_over_and_restarts_keep_epochs_increasing(
     assert_epochs_never_decrease(cluster.nodes)
     assert_one_leader_per_epoch(cluster.nodes)
     assert all(not node.bad_lines for node in cluster.nodes)
+
+
+@pytest.mark.anyio
+async def test_resign_hands_over_and_keeps_observing(tmp_path: Path) -> None:
+    async with driver(tmp_path, A) as first, driver(tmp_path, B) as second:
+        assert await wait_state(first, is_leader) == Leader(epoch=1)
+        await wait_state(second, lambda s: s == Follower(leader_endpoint=A, leader_epoch=1))
+        await first.resign()
+        assert first.current == Unknown()
+        assert first.proven_until == -math.inf
+        assert await wait_state(second, is_leader) == Leader(epoch=2)
+        assert second.proven_until == math.inf
+        # The resigned node follows its successor and never campaigns again.
+        await wait_state(first, lambda s: s == Follower(leader_endpoint=B, leader_epoch=2))
+        assert not first.campaigning
+        await second.resign()
+        await wait_state(first, lambda s: s == Unknown())
+        await polls(first, 5)
+        assert first.current == Unknown()

@@ -332,10 +332,15 @@ class LocalElectionDriver(DriverBase):
         finally:
             self._step_down()
 
+    async def _resign(self) -> None:
+        if self._lock_fd is not None:
+            _log.info("local_election_resigned", node_id=self.node_id)
+        self._step_down()
+
     async def _step(self) -> None:
         if self._lock_fd is not None:
             await self._keep_office()
-        elif self._try_lock():
+        elif self.campaigning and self._try_lock():
             await self._take_office()
         else:
             self._follow()

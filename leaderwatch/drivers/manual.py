@@ -17,10 +17,16 @@ class ManualDriver(DriverBase):
     is refused and ``Unknown()`` is delivered in its place. Bad arguments
     raise ``InvalidEpoch`` or ``InvalidEndpoint`` and publish nothing. After
     exit every call raises :class:`~leaderwatch.channel.ChannelClosed`.
+    :meth:`resign` publishes ``Unknown()`` if this node leads; the script
+    stays in charge afterwards.
     """
 
     def __init__(self, *, node_id: str = "manual", strict: bool = False) -> None:
         super().__init__(node_id, strict=strict)
+
+    async def _resign(self) -> None:
+        if isinstance(self.current, Leader):
+            self._publish(Unknown())
 
     def become_leader(self, epoch: int) -> bool:
         """Publish ``Leader(epoch)``."""

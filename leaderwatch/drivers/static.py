@@ -5,7 +5,7 @@ from __future__ import annotations
 from anyio.abc import TaskGroup
 
 from leaderwatch.drivers._base import DriverBase
-from leaderwatch.state import Leader, check_epoch
+from leaderwatch.state import Leader, Unknown, check_epoch
 
 __all__ = ["StaticDriver"]
 
@@ -14,7 +14,7 @@ class StaticDriver(DriverBase):
     """This node leads at ``epoch`` from enter until exit.
 
     Inside ``async with`` the first value is ``Leader(epoch)``; before enter
-    and after exit it is ``Unknown()``. Raises ``InvalidEpoch`` at
+    and after exit or :meth:`resign` it is ``Unknown()``. Raises ``InvalidEpoch`` at
     construction for an epoch outside ``[0, 2**128)``.
     """
 
@@ -29,3 +29,6 @@ class StaticDriver(DriverBase):
 
     async def _start(self, task_group: TaskGroup) -> None:
         self._publish(Leader(epoch=self._epoch))
+
+    async def _resign(self) -> None:
+        self._publish(Unknown())
