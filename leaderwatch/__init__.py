@@ -47,6 +47,7 @@ from leaderwatch.state import (
     Follower,
     InvalidEndpoint,
     InvalidEpoch,
+    InvalidLeaderState,
     Leader,
     LeaderState,
     Unknown,
@@ -55,7 +56,7 @@ from leaderwatch.state import (
     leader_state_from_json,
     parse_endpoint,
 )
-from leaderwatch.watch import EpochRegression, LeaderWatch
+from leaderwatch.watch import EpochConflict, EpochRegression, LeaderWatch
 
 if TYPE_CHECKING:
     from leaderwatch.drivers.etcd import EtcdElectionDriver as EtcdElectionDriver
@@ -65,10 +66,12 @@ __all__ = [
     "ChannelClosed",
     "Endpoint",
     "Epoch",
+    "EpochConflict",
     "EpochRegression",
     "Follower",
     "InvalidEndpoint",
     "InvalidEpoch",
+    "InvalidLeaderState",
     "Leader",
     "LeaderCache",
     "LeaderHint",

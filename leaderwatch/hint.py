@@ -38,6 +38,7 @@ from leaderwatch.state import (
 __all__ = [
     "ENDPOINT_HEADER",
     "EPOCH_HEADER",
+    "MALFORMED_HINT_RULES",
     "MAX_EPOCH_DIGITS",
     "MAX_HINT_JSON_LENGTH",
     "LeaderHint",
@@ -61,9 +62,33 @@ MAX_EPOCH_DIGITS: Final = len(str(EPOCH_LIMIT - 1))
 MAX_HINT_JSON_LENGTH: Final = 1024
 """Longest accepted JSON hint, in characters (or bytes)."""
 
+MALFORMED_HINT_RULES: Final = (
+    "duplicate_header",
+    "endpoint_has_scheme",
+    "endpoint_invalid",
+    "endpoint_not_string",
+    "endpoint_too_long",
+    "epoch_empty",
+    "epoch_not_decimal",
+    "epoch_not_integer",
+    "epoch_out_of_range",
+    "epoch_too_long",
+    "header_not_ascii",
+    "header_not_text",
+    "headers_not_container",
+    "headers_not_pairs",
+    "json_duplicate_field",
+    "json_invalid",
+    "json_not_object",
+    "json_too_long",
+    "json_unknown_field",
+)
+"""Every :attr:`MalformedHint.rule` the parsers here return (stable names, for counting)."""
+
 _DECIMAL: Final = re.compile(r"[0-9]+")
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _FIELDS: Final = frozenset({"leader_endpoint", "leader_epoch"})
+_HEADER_NAME_LENGTHS: Final = frozenset({len(ENDPOINT_HEADER), len(EPOCH_HEADER)})
 
 
 def _shown(text: str) -> str:
@@ -291,19 +316,44 @@ def parse_hint_headers(
 ) -> LeaderHint | MalformedHint | None:
     """Read the header form, or say which rule it breaks; ``None`` if neither header is present.
 
-    ``headers`` is a mapping or an iterable of ``(name, value)`` pairs (names
-    and values as ``str`` or ASCII ``bytes``); names match case-insensitively.
-    A header given twice is malformed.
+    ``headers`` is a mapping or an iterable of ``(name, value)`` pairs (tuples
+    or lists of two; names and values as ``str`` or ASCII ``bytes``); names
+    match case-insensitively. A header given twice is malformed, and so is a
+    container that is none of these (``headers_not_container``), an item that
+    is not a pair (``headers_not_pairs``) or a name that is not text
+    (``header_not_text``), whatever header it belongs to.
     """
-    items = headers.items() if isinstance(headers, Mapping) else headers
+    if isinstance(headers, Mapping):
+        items: Iterable[object] = headers.items()
+    elif isinstance(headers, str | bytes | bytearray) or not isinstance(headers, Iterable):
+        return MalformedHint(
+            rule="headers_not_container",
+            reason="headers must be a mapping or an iterable of (name, value) pairs "
+            f"(got {type(headers).__name__})",
+        )
+    else:
+        items = headers
     found: dict[str, object] = {}
-    for raw_name, value in items:
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            size = f" of {len(item)}" if isinstance(item, tuple | list) else ""
+            return MalformedHint(
+                rule="headers_not_pairs",
+                reason=f"headers must be (name, value) pairs (got a {type(item).__name__}{size})",
+            )
+        raw_name, value = item
         if isinstance(raw_name, bytes):
-            name = raw_name.decode("latin-1").lower()
+            name = raw_name.decode("latin-1")
         elif isinstance(raw_name, str):
-            name = raw_name.lower()
+            name = raw_name
         else:
+            return MalformedHint(
+                rule="header_not_text",
+                reason=f"header names must be str or bytes (got {type(raw_name).__name__})",
+            )
+        if len(name) not in _HEADER_NAME_LENGTHS or not name.isascii():
             continue
+        name = name.lower()
         if name not in (ENDPOINT_HEADER, EPOCH_HEADER):
             continue
         if name in found:

@@ -12,6 +12,14 @@ from collections.abc import Iterator
 import pytest
 from etcd_server import EtcdNotFound, EtcdServer, etcd_server, find_etcd
 
+SUMMARY_LINES = pytest.StashKey[list[str]]()
+"""Lines a test module adds to the terminal summary (the fuzz module's case count)."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in terminalreporter.config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:

@@ -247,6 +247,16 @@ def test_arguments_are_validated() -> None:
     assert cache.cached_leader is None
 
 
+@pytest.mark.parametrize("epoch", [10**5000, -(10**5000)], ids=["huge", "huge-negative"])
+def test_a_huge_integer_epoch_is_invalid_epoch_not_a_bare_value_error(epoch: int) -> None:
+    cache, _ = make_cache()
+    for call in (cache.compare_and_set_leader, cache.record_success):
+        with pytest.raises(InvalidEpoch, match="bits") as raised:
+            call("a:1", epoch)
+        assert len(str(raised.value)) < 200
+    assert cache.cached_leader is None
+
+
 def test_construction_validates_configured_endpoints() -> None:
     with pytest.raises(InvalidEndpoint, match="scheme"):
         LeaderCache(["a:1", "https://b:1"])

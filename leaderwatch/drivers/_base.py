@@ -82,13 +82,19 @@ class DriverBase:
     - :meth:`resign` makes :attr:`campaigning` false for good and awaits
       :meth:`_resign`; the driver keeps observing.
 
+    ``self_endpoint`` is this node's own endpoint, when it has one: the epoch
+    guard then knows that ``Follower(self_endpoint, e)`` names this node (see
+    :class:`~leaderwatch.watch.LeaderWatch`).
+
     Subclasses publish only through :meth:`_publish` and override
     :meth:`_start`, :meth:`_resign`, :meth:`_release` and
     :attr:`proven_until` as they need; none overrides ``__aexit__``.
     """
 
-    def __init__(self, node_id: str, *, strict: bool = False) -> None:
-        self._watch = LeaderWatch(node_id, strict=strict)
+    def __init__(
+        self, node_id: str, *, strict: bool = False, self_endpoint: str | None = None
+    ) -> None:
+        self._watch = LeaderWatch(node_id, strict=strict, self_endpoint=self_endpoint)
         self._lifecycle: contextlib.AbstractAsyncContextManager[None] | None = None
         self._entered = False
         self._leaving = False
@@ -106,7 +112,7 @@ class DriverBase:
 
     @property
     def stats(self) -> LeaderWatchStats:
-        """Delivered, suppressed and regressing publishes so far."""
+        """Delivered, suppressed, regressing and conflicting publishes so far."""
         return self._watch.stats
 
     @property
