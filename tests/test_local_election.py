@@ -26,13 +26,8 @@ from leaderwatch.drivers import (
     LocalElectionDriver,
     LocalElectionError,
 )
-from leaderwatch.drivers.local import (
-    EPOCH_FILE,
-    LOCK_FILE,
-    RECORD_FILE,
-    LocalEpochCounter,
-    LocalLeaderRecord,
-)
+from leaderwatch.drivers._local_store import LocalEpochCounter, LocalLeaderRecord
+from leaderwatch.drivers.local import EPOCH_FILE, LOCK_FILE, RECORD_FILE
 from leaderwatch.state import Follower, InvalidEndpoint, Leader, Unknown
 from leaderwatch.testing import capture_events
 
