@@ -71,6 +71,9 @@ class LocalElectionDriver(DriverBase):
       candidate takes over within one ``poll_interval`` plus the durable
       write, with no lease timeout. Leaving ``async with`` publishes
       ``Unknown()`` and then releases the lock.
+    - :meth:`resign` publishes ``Unknown()``, releases the lock and stops
+      campaigning; a durable write in flight finishes first, so no
+      ``Leader`` is published after it returns. The node keeps following.
     - Non-leaders publish ``Follower(leader_endpoint, leader_epoch)`` from
       the record only while the process that wrote it still leads, never a
       record naming this node's own endpoint, and ``Unknown()`` otherwise:
@@ -121,6 +124,9 @@ class LocalElectionDriver(DriverBase):
         # The leader's open, locked record: followers trust the record only while it is locked.
         self._record_fd: int | None = None
         self._reported: dict[str, str] = {}
+        # Steps and resigning never interleave: a resign waits for a durable write in flight,
+        # so a node that resigned never goes on to publish the term that write was for.
+        self._office = anyio.Lock()
 
     @property
     def directory(self) -> Path:
@@ -160,18 +166,20 @@ class LocalElectionDriver(DriverBase):
             self._step_down()
 
     async def _resign(self) -> None:
-        if self._lock_fd is not None:
-            _log.info("local_election_resigned", node_id=self.node_id)
-        self._step_down()
+        async with self._office:
+            if self._lock_fd is not None:
+                _log.info("local_election_resigned", node_id=self.node_id)
+            self._step_down()
 
     async def _step(self) -> None:
-        own = self._record
-        if own is not None:
-            await self._keep_office(own)
-        elif self.campaigning and self._try_lock():
-            await self._take_office()
-        else:
-            self._follow()
+        async with self._office:
+            own = self._record
+            if own is not None:
+                await self._keep_office(own)
+            elif self.campaigning and self._try_lock():
+                await self._take_office()
+            else:
+                self._follow()
 
     def _report(self, event: str, **fields: object) -> None:
         """Log an error once per event until its fields change or the node recovers."""
