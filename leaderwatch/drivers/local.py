@@ -6,6 +6,11 @@ exits or dies, so failover waits for no lease: within one poll interval a
 candidate takes it. Each new leader persists a strictly higher epoch
 (``epoch.json``) and its record (``leader.json``), which followers trust
 only while its writer still holds a lock on it.
+
+This module is the election state machine (follow, take office, keep office,
+step down); the files themselves — names, formats, reads that tell a live
+record from a corrupt, missing or abandoned one, and durable writes — are
+:mod:`leaderwatch.drivers._local_store`.
 """
 
 from __future__ import annotations
