@@ -43,6 +43,7 @@ if not hasattr(httpx, "AsyncBaseTransport"):  # pragma: no cover - a path mistak
         "do not run Python from inside the leaderwatch/ directory"
     )
 
+import math
 import random
 import time
 import uuid
@@ -356,9 +357,10 @@ class _Transport:
         extensions = dict(request.extensions)
         given = extensions.get("timeout")
         timeouts: dict[str, float | None] = dict(given) if isinstance(given, dict) else {}
-        for phase in ("connect", "read", "write"):
-            value = timeouts.get(phase)
-            timeouts[phase] = phase_timeout if value is None else min(value, phase_timeout)
+        if phase_timeout < math.inf:  # an infinite attempt_timeout leaves the caller's alone
+            for phase in ("connect", "read", "write"):
+                value = timeouts.get(phase)
+                timeouts[phase] = phase_timeout if value is None else min(value, phase_timeout)
         extensions["timeout"] = timeouts
         restore = {"read": given.get("read") if isinstance(given, dict) else None}
         outgoing = httpx.Request(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import socket
 import subprocess
@@ -773,6 +774,15 @@ def test_sync_a_frozen_node_costs_one_attempt() -> None:
     frozen = cluster.received[0]
     assert frozen.timeouts["read"] == pytest.approx(0.3)
     assert frozen.timeouts["connect"] == pytest.approx(0.3)
+
+
+def test_sync_an_infinite_attempt_timeout_leaves_the_callers_timeouts() -> None:
+    cluster = Cluster(a_1=Lead(1), b_1=Lead(1), c_1=Lead(1))
+    policy = RetryPolicy(deadline=math.inf, attempt_timeout=math.inf)
+    transport, _ = make_sync(cluster, policy=policy)
+    with httpx.Client(transport=transport, base_url="http://cluster", timeout=7.0) as http:
+        http.get("/")
+    assert cluster.received[0].timeouts == {"connect": 7.0, "read": 7.0, "write": 7.0, "pool": 7.0}
 
 
 def test_sync_a_post_sent_then_dropped() -> None:
