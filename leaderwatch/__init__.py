@@ -26,6 +26,7 @@ from leaderwatch.drivers import (
     LocalElectionDriver,
     ManualDriver,
     StaticDriver,
+    driver_from_url,
 )
 from leaderwatch.errors import LeaderwatchError
 from leaderwatch.hint import LeaderHint, NoLeaderYet
@@ -96,6 +97,7 @@ __all__ = [
     "Unknown",
     "WatchReceiver",
     "decide",
+    "driver_from_url",
     "epoch_from_wire",
     "epoch_to_wire",
     "leader_state_from_json",

@@ -2,8 +2,10 @@
 
 Every driver is an async context manager that owns its background tasks and
 exposes ``leadership()``, a receiver whose first value is immediate; see
-:class:`LeadershipDriver`. ``EtcdElectionDriver`` is imported on first use
-and needs the ``etcd`` extra (``pip install 'leaderwatch[etcd]'``).
+:class:`LeadershipDriver`. :func:`driver_from_url` builds the driver an
+election URL names (``local:///dir``, ``etcd://host:port/name``, ...).
+``EtcdElectionDriver`` is imported on first use and needs the ``etcd``
+extra (``pip install 'leaderwatch[etcd]'``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from leaderwatch.drivers._base import DriverBase, LeadershipDriver
 from leaderwatch.drivers._timing import LeaseTiming
+from leaderwatch.drivers._url import InvalidElectionURL, driver_from_url
 from leaderwatch.drivers.local import (
     ElectionStateCorrupt,
     LocalElectionDriver,
@@ -29,12 +32,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DriverBase",
     "ElectionStateCorrupt",
+    "InvalidElectionURL",
     "LeadershipDriver",
     "LeaseTiming",
     "LocalElectionDriver",
     "LocalElectionError",
     "ManualDriver",
     "StaticDriver",
+    "driver_from_url",
 ]
 
 _LAZY: dict[str, str] = {"EtcdElectionDriver": "leaderwatch.drivers.etcd"}
