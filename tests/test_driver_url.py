@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import leaderwatch
 from leaderwatch import Follower, InvalidEndpoint, Leader, LeaderwatchError, Unknown
@@ -18,7 +21,7 @@ from leaderwatch.drivers import (
     driver_from_url,
 )
 from leaderwatch.drivers._base import DriverBase
-from leaderwatch.drivers._url import OBSERVER_ENDPOINT, redacted
+from leaderwatch.drivers._url import MAX_URL_LENGTH, OBSERVER_ENDPOINT, _parse, redacted
 
 
 class _Recorded(DriverBase):
@@ -56,35 +59,26 @@ def test_is_exported_from_the_top_level_and_the_drivers_package() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "directory", "poll_interval"),
+    ("url", "directory", "options"),
     [
-        ("local:///var/run/myapp", "/var/run/myapp", 0.05),
-        ("LOCAL:///var/run/my%20app?poll_interval=0.5", "/var/run/my app", 0.5),
-        ("local:/var/run/myapp", "/var/run/myapp", 0.05),
-        ("local:relative/dir?poll_interval=2", "relative/dir", 2.0),
+        ("local:///var/run/myapp", "/var/run/myapp", {}),
+        ("LOCAL:///var/run/my%20app?poll_interval=0.5", "/var/run/my app", {"poll_interval": 0.5}),
+        ("local:/var/run/myapp", "/var/run/myapp", {}),
+        ("local:relative/dir?poll_interval=2", "relative/dir", {"poll_interval": 2.0}),
     ],
 )
-def test_local_urls(
-    url: str,
-    directory: str,
-    poll_interval: float,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    built_in: list[str] = []
+def test_local_urls_name_a_directory(url: str, directory: str, options: dict[str, Any]) -> None:
+    spec = _parse(url)
+    assert (spec.backend, spec.target, dict(spec.options)) == ("local", directory, options)
 
-    def record(self: LocalElectionDriver) -> None:
-        built_in.append(str(self.directory))
 
-    monkeypatch.setattr(LocalElectionDriver, "_prepare_directory", record)
-    monkeypatch.chdir(tmp_path)
-    driver = driver_from_url(url, node_endpoint="10.0.0.7:9000")
+def test_local_url_builds_a_candidate(tmp_path: Path) -> None:
+    driver = driver_from_url(f"local://{tmp_path}/election", node_endpoint="10.0.0.7:9000")
     assert type(driver) is LocalElectionDriver
     assert driver.node_endpoint == "10.0.0.7:9000"
+    assert driver.node_id == "10.0.0.7:9000"
     assert driver.campaigning
-    assert driver.directory == Path(directory).absolute()
-    assert driver._poll_interval == poll_interval
-    assert built_in == [str(Path(directory).absolute())]
+    assert driver.directory == tmp_path / "election"
 
 
 def test_local_url_without_endpoint_builds_an_observer(tmp_path: Path) -> None:
@@ -93,18 +87,21 @@ def test_local_url_without_endpoint_builds_an_observer(tmp_path: Path) -> None:
     assert not observer.campaigning
     assert observer.node_endpoint == OBSERVER_ENDPOINT
     assert observer.node_id == f"local-observer:{tmp_path}"
+    named = driver_from_url(f"local://{tmp_path}", node_id="watcher")
+    assert named.node_id == "watcher"
 
 
-def test_overrides_win_over_url_options(tmp_path: Path) -> None:
-    driver = driver_from_url(
-        f"local://{tmp_path}?poll_interval=3",
-        node_endpoint="127.0.0.1:7001",
-        poll_interval=0.25,
-        node_id="node-a",
-    )
-    assert isinstance(driver, LocalElectionDriver)
-    assert driver._poll_interval == 0.25
-    assert driver.node_id == "node-a"
+@pytest.mark.usefixtures("fake_drivers")
+def test_overrides_win_over_url_options() -> None:
+    driver = built("etcd://h1:2379/myapp?ttl=3&margin=1", ttl=5, strict=True)
+    assert driver.options == {
+        "tls": False,
+        "election": "myapp",
+        "ttl": 5,
+        "margin": 1.0,
+        "strict": True,
+        "node_endpoint": None,
+    }
 
 
 def test_etcd_url_builds_the_real_driver() -> None:
@@ -288,3 +285,80 @@ async def test_local_observer_follows_and_never_campaigns(tmp_path: Path) -> Non
                 )
         with anyio.fail_after(5):
             await observer.leadership().wait_for(lambda state: state == Unknown())
+
+
+URL_PIECES = st.sampled_from(
+    [
+        "local:",
+        "etcd:",
+        "etcds:",
+        "postgres:",
+        "postgresql:",
+        "LOCAL:",
+        "zk:",
+        "//",
+        "/",
+        "@",
+        ":",
+        "::",
+        "[",
+        "]",
+        "[::1]",
+        ",",
+        "?",
+        "&",
+        "=",
+        "#",
+        "%",
+        "%2F",
+        "%zz",
+        "127.0.0.1",
+        "h1",
+        "2379",
+        "99999",
+        "0",
+        "ttl",
+        "margin",
+        "connect_timeout",
+        "poll_interval",
+        "ca_cert",
+        "client_cert",
+        "client_key",
+        "election",
+        "schema",
+        "sslmode",
+        "password",
+        "nan",
+        "inf",
+        "1e3",
+        "-1",
+        "1.5",
+        " ",
+        "\x00",
+        "é",
+        "\ud800",
+    ]
+)
+URLS = st.one_of(
+    st.text(max_size=60),
+    st.lists(st.one_of(URL_PIECES, st.text(max_size=3)), max_size=24).map("".join),
+    st.integers(1, 3 * MAX_URL_LENGTH).map(lambda n: "etcd://h1:2379/" + "a" * n),
+    st.integers(1, 1 << 20).map(lambda n: "local:///" + "%" * n),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(url=URLS)
+def test_any_text_parses_or_raises_a_short_invalid_election_url(url: str) -> None:
+    started = time.perf_counter()
+    try:
+        spec = _parse(url)
+    except InvalidElectionURL as error:
+        message = str(error)
+        assert message.startswith("invalid election URL ")
+        assert len(message) <= 1000
+    else:
+        assert spec.backend in ("local", "etcd", "postgres")
+        assert spec.target
+        assert len(url) <= MAX_URL_LENGTH
+    assert time.perf_counter() - started < 1.0

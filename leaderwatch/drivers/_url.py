@@ -93,6 +93,9 @@ _LIBPQ_PARAMETERS: Final = frozenset(
     }
 )
 
+MAX_URL_LENGTH: Final = 4096
+"""Longest accepted election URL, in characters."""
+
 OBSERVER_ENDPOINT: Final = "observer.invalid:1"
 """The endpoint a local observer is built with; ``.invalid`` never names a real host."""
 
@@ -198,6 +201,8 @@ def _parse(url: str) -> _ElectionSpec:
     """Check an election URL and say which driver it builds, without building it."""
     if not isinstance(url, str):
         raise InvalidElectionURL(f"an election URL must be a string (got {type(url).__name__})")
+    if len(url) > MAX_URL_LENGTH:
+        raise _bad(url, "URL", f"too long ({len(url)} characters; at most {MAX_URL_LENGTH})")
     for position, char in enumerate(url):
         if char.isspace() or not char.isprintable():
             raise _bad(
@@ -211,7 +216,7 @@ def _parse(url: str) -> _ElectionSpec:
         known = ", ".join(f"{scheme}://" for scheme in SCHEMES)
         if found is None:
             raise _bad(url, "scheme", f"missing; an election URL starts with one of {known}")
-        raise _bad(url, "scheme", f"{found.group(1)!r} is unknown; known schemes: {known}")
+        raise _bad(url, "scheme", f"{_shown(found.group(1))} is unknown; known schemes: {known}")
     scheme = found.group(1).lower()
     rest = url[found.end() :]
     if "#" in rest:
@@ -231,8 +236,11 @@ def _parse(url: str) -> _ElectionSpec:
 
 def _parse_local(url: str, authority: str | None, path: str, query: str) -> _ElectionSpec:
     if authority:
-        hint = f"; for the directory /{authority}{path} write local:///{authority}{path}"
-        raise _bad(url, "host", f"a local election names no host (got {authority!r}){hint}")
+        hint = (
+            f"; for the directory {_shown(f'/{authority}{path}')} "
+            f"write {_shown(f'local:///{authority}{path}')}"
+        )
+        raise _bad(url, "host", f"a local election names no host (got {_shown(authority)}){hint}")
     directory = unquote(path)
     if not directory:
         raise _bad(url, "path", f"missing the election directory; expected {_FORMS['local']}")
@@ -260,13 +268,15 @@ def _parse_etcd(
         try:
             endpoints.append(parse_endpoint(host))
         except InvalidEndpoint as error:
-            raise _bad(url, f"etcd endpoint {host!r}", str(error)) from None
+            raise _bad(url, f"etcd endpoint {_shown(host)}", str(error)) from None
     election = unquote(path[1:])
     if not election:
         raise _bad(url, "election", f"missing; the path names it: {_FORMS[scheme]}")
     if election.endswith("/"):
         raise _bad(
-            url, "election", f"must not end with '/' (got {election!r}); drop the trailing slash"
+            url,
+            "election",
+            f"must not end with '/' (got {_shown(election)}); drop the trailing slash",
         )
     options["election"] = election
     if scheme == "etcds":
@@ -280,7 +290,7 @@ def _parse_etcd(
     for key in _TLS_OPTIONS:
         if key in given:
             if not given[key]:
-                raise _bad(url, f"query option {key!r}", "must name a file")
+                raise _bad(url, f"query option {_shown(key)}", "must name a file")
             options[key] = given[key]
     if ("client_cert" in given) != ("client_key" in given):
         raise _bad(url, "query options client_cert and client_key", "must be given together")
@@ -293,14 +303,14 @@ def _parse_postgres(url: str, scheme: str, query: str) -> _ElectionSpec:
     for key, value, raw in _query_items(url, query):
         if key in _POSTGRES_OPTIONS:
             if key in given:
-                raise _bad(url, f"query option {key!r}", "given twice")
+                raise _bad(url, f"query option {_shown(key)}", "given twice")
             given[key] = value
         elif key in _LIBPQ_PARAMETERS:
             kept.append(raw)
         else:
             raise _bad(
                 url,
-                f"query option {key!r}",
+                f"query option {_shown(key)}",
                 f"unknown; leaderwatch's options are {', '.join(_POSTGRES_OPTIONS)}, and any "
                 "other option must be a libpq connection parameter (sslmode, connect_timeout, "
                 "application_name, ...)",
@@ -329,7 +339,7 @@ def _lease_options(url: str, given: Mapping[str, str]) -> dict[str, Any]:
         text = given["ttl"]
         if not _WHOLE_NUMBER.fullmatch(text):
             raise _bad(
-                url, "query option 'ttl'", f"must be a whole number of seconds (got {text!r})"
+                url, "query option 'ttl'", f"must be a whole number of seconds (got {_shown(text)})"
             )
         options["ttl"] = int(text)
     if "margin" in given:
@@ -339,14 +349,18 @@ def _lease_options(url: str, given: Mapping[str, str]) -> dict[str, Any]:
             LeaseTiming.of(options.get("ttl", 10), options.get("margin"))
         except ValueError as error:
             key = "ttl" if str(error).startswith("ttl") else "margin"
-            raise _bad(url, f"query option {key!r}", str(error)) from None
+            raise _bad(url, f"query option {_shown(key)}", str(error)) from None
     return options
 
 
 def _seconds(url: str, key: str, text: str) -> float:
     value = float(text) if _NUMBER.fullmatch(text) else math.nan
     if not (math.isfinite(value) and value > 0):
-        raise _bad(url, f"query option {key!r}", f"must be a number of seconds > 0 (got {text!r})")
+        raise _bad(
+            url,
+            f"query option {_shown(key)}",
+            f"must be a number of seconds > 0 (got {_shown(text)})",
+        )
     return value
 
 
@@ -359,7 +373,7 @@ def _query_items(url: str, query: str) -> list[tuple[str, str, str]]:
         key, equals, value = raw.partition("=")
         key = unquote(key)
         if not equals:
-            raise _bad(url, f"query option {key!r}", f"has no value; write {key}=VALUE")
+            raise _bad(url, f"query option {_shown(key)}", "has no value; write KEY=VALUE")
         items.append((key, unquote(value), raw))
     return items
 
@@ -371,15 +385,15 @@ def _query(
     given: dict[str, str] = {}
     for key, value, _ in _query_items(url, query):
         if refused and key in refused:
-            raise _bad(url, f"query option {key!r}", refused[key])
+            raise _bad(url, f"query option {_shown(key)}", refused[key])
         if key not in allowed:
             raise _bad(
                 url,
-                f"query option {key!r}",
+                f"query option {_shown(key)}",
                 f"unknown; allowed: {', '.join(allowed)}",
             )
         if key in given:
-            raise _bad(url, f"query option {key!r}", "given twice")
+            raise _bad(url, f"query option {_shown(key)}", "given twice")
         given[key] = value
     return given
 
@@ -398,7 +412,14 @@ def _driver_class(module_name: str, name: str, extra: str) -> Callable[..., obje
 
 
 def _bad(url: str, part: str, problem: str) -> InvalidElectionURL:
-    return InvalidElectionURL(f"invalid election URL {redacted(url)!r}: {part}: {problem}")
+    return InvalidElectionURL(
+        f"invalid election URL {_shown(redacted(url), 120)}: {part}: {problem}"
+    )
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``repr(text)``, cut short: messages name what is wrong, they never echo a huge input."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3]) + "..."
 
 
 def redacted(url: str) -> str:
