@@ -30,6 +30,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -112,6 +113,18 @@ def _run_as() -> pwd.struct_passwd | None:
             f"PostgreSQL refuses to run as root and user {name!r} does not exist; "
             "set PG_RUN_AS to an unprivileged account"
         ) from None
+
+
+def _check_reachable(bin_dir: Path, account: pwd.struct_passwd) -> None:
+    """Fail clearly when ``account`` cannot run the binaries (a parent directory is private)."""
+    for directory in [bin_dir, *bin_dir.parents]:
+        mode = directory.stat().st_mode
+        if directory.stat().st_uid != account.pw_uid and not mode & stat.S_IXOTH:
+            raise PostgresNotFound(
+                f"PostgreSQL runs as {account.pw_name!r} (it refuses root), but {directory} is "
+                f"not searchable by other users, so {bin_dir} is out of its reach; set PG_BIN "
+                "to binaries it can run, or PG_RUN_AS to an account that can"
+            )
 
 
 def _children(pid: int) -> list[int]:
@@ -197,6 +210,10 @@ class PostgresServer:
         if done.returncode != 0:
             raise RuntimeError(f"psql failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout.strip()
+
+    def version(self) -> str:
+        """``PostgreSQL 18.6`` (from ``SHOW server_version``)."""
+        return "PostgreSQL " + self.sql("SHOW server_version").split()[0]
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -351,6 +368,8 @@ def pg_server(*, attempts: int = 3) -> Iterator[PostgresServer]:
     """
     bin_dir = find_pg_bin()
     account = _run_as()
+    if account is not None:
+        _check_reachable(bin_dir, account)
     temp = Path(tempfile.mkdtemp(prefix="leaderwatch-pg-"))
     if account is not None:
         os.chown(temp, account.pw_uid, account.pw_gid)

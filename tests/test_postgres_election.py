@@ -403,10 +403,16 @@ async def test_frozen_database_makes_the_leader_step_down_before_its_lease_can_e
             await second.wait_for(follows(A, old.epoch))
             await observer.wait_for(follows(A, old.epoch))
 
+            bystander = await start(task_group, driver(postgres, election))
+            await bystander.wait_for(follows(A, old.epoch))
+
             paused = postgres.pause()
             try:
                 for node in (first, second, observer):
                     await node.wait_for(is_unknown, within=PROOF + 1)
+                # Leaving never hangs on a frozen database.
+                left = await bystander.exit()
+                assert anyio.current_time() - left < first.driver.timing.resign_wait + SLACK
                 # Stay frozen past the lease's expiry on the server.
                 await anyio.sleep_until(paused + TTL + 0.3)
             finally:

@@ -281,6 +281,7 @@ class PostgresElectionDriver(DriverBase):
         self._outage: str | None = None
         self._view: _View | None = None
         self._tenure: _Tenure | None = None
+        self._campaign_in_flight = False
         self._tokens: set[uuid.UUID] = set()
         self._epoch_seen: tuple[int, uuid.UUID | None] | None = None
         """The highest epoch in any row read, and the tenure that held it."""
@@ -363,7 +364,9 @@ class PostgresElectionDriver(DriverBase):
         wait = self._timing.resign_wait
         error: str | None = None
         in_flight: _Connection | None = None
-        tenure: _Tenure | None = None
+        tenure = self._tenure
+        if tenure is None and not self._campaign_in_flight:
+            return
         with anyio.move_on_after(wait) as scope:
             async with self._lock:
                 # A campaign that won while resign() waited for the lock is released too.
@@ -386,12 +389,12 @@ class PostgresElectionDriver(DriverBase):
             if in_flight is not None:
                 # A statement cut off halfway leaves the protocol in an unknown state.
                 in_flight.terminate()
-        if error is not None and tenure is not None:
+        if error is not None:
             _log.warning(
                 "postgres_release_failed",
                 node_id=self.node_id,
                 election=self._election,
-                epoch=tenure.epoch,
+                epoch=None if tenure is None else tenure.epoch,
                 error=error,
             )
 
@@ -647,16 +650,20 @@ class PostgresElectionDriver(DriverBase):
             floor = max(self._watch.high_water or 0, 0 if seen is None else seen[0])
             self._tokens.add(token)
             sent = anyio.current_time()
-            records = await self._fetch(
-                conn,
-                self._sql.campaign,
-                self._election,
-                self._node_endpoint,
-                self.node_id,
-                token,
-                floor,
-                float(self._timing.ttl),
-            )
+            self._campaign_in_flight = True
+            try:
+                records = await self._fetch(
+                    conn,
+                    self._sql.campaign,
+                    self._election,
+                    self._node_endpoint,
+                    self.node_id,
+                    token,
+                    floor,
+                    float(self._timing.ttl),
+                )
+            finally:
+                self._campaign_in_flight = False
             self._touch(sent)
             if not records:
                 # Lost: the lease is live. Read who holds it (the winner committed by now).
