@@ -709,6 +709,7 @@ async def test_start_up_errors_name_the_problem_in_one_line(postgres: PostgresSe
         ),
         (f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", PostgresUnavailable, "reach"),
         (postgres.dsn + "?sslmode=bogus", PostgresDsnError, "sslmode"),
+        ("postgresql://postgres@127.0.0.1:port/postgres", PostgresDsnError, "bad DSN"),
         (postgres.dsn + "?sslmode=require", PostgresUnavailable, "SSL"),
     ]
     for dsn, error_type, needle in cases:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import anyio
 import asyncpg
 from anyio.abc import TaskGroup
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from leaderwatch._backoff import Backoff
 from leaderwatch._log import get_logger
@@ -447,7 +447,14 @@ class PostgresElectionDriver(DriverBase):
             ) from None
         except _DB_ERRORS as error:
             raise self._start_up_error(where, error) from error
+        except ValidationError as error:
+            raise PostgresElectionError(
+                f"{self.table} at {where} holds a row for election {self._election!r} that is "
+                f"not a leaderwatch election row ({error.error_count()} errors, first: "
+                f"{error.errors()[0]['msg']}); choose another schema="
+            ) from error
         except ValueError as error:
+            # asyncpg parses the DSN when connecting and raises ValueError for bad parts.
             raise PostgresDsnError(f"bad DSN {where}: {_one_line(error)}") from error
         _log.info(
             "postgres_connected",
