@@ -50,7 +50,14 @@ _log = get_logger("leaderwatch.drivers.postgres")
 
 _MAX_ELECTION_LENGTH: Final = 1000
 _RESERVED_OPTIONS: Final = frozenset({"dsn", "password", "timeout", "loop"})
-_DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DB_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # Raised by a connection the server just ended (its protocol still awaits the end).
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 class PostgresElectionError(LeaderwatchError, RuntimeError):
