@@ -11,7 +11,8 @@ base class, log formatting, test tools) lives in its submodule:
 ``leaderwatch.testing``. Names starting with ``_`` are private everywhere.
 
 Drivers that need an extra (``EtcdElectionDriver``: ``pip install
-'leaderwatch[etcd]'``) are imported on first use and visible to type
+'leaderwatch[etcd]'``; ``PostgresElectionDriver``: ``pip install
+'leaderwatch[postgres]'``) are imported on first use and visible to type
 checkers.
 """
 
@@ -61,6 +62,7 @@ from leaderwatch.watch import EpochConflict, EpochRegression, LeaderWatch
 
 if TYPE_CHECKING:
     from leaderwatch.drivers.etcd import EtcdElectionDriver as EtcdElectionDriver
+    from leaderwatch.drivers.postgres import PostgresElectionDriver as PostgresElectionDriver
 
 __all__ = [
     "BaseLeadershipHandler",
@@ -104,7 +106,7 @@ __all__ = [
     "parse_endpoint",
 ]
 
-_LAZY_DRIVERS = frozenset({"EtcdElectionDriver"})
+_LAZY_DRIVERS = frozenset({"EtcdElectionDriver", "PostgresElectionDriver"})
 
 
 def __getattr__(name: str) -> Any:
