@@ -6,6 +6,7 @@ The counterpart of ``Campaign``/``Resign`` in ``election.go`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -139,10 +140,12 @@ class Campaign:
             key=self.key, create_revision=self.create_revision, won_at=self.won_at
         )
 
-    async def wait_until_first(self) -> bool:
+    async def wait_until_first(self, on_won: Callable[[], None]) -> bool:
         """Wait until no key with a lower create revision remains: ``True``, :attr:`won_at` set.
 
-        ``False`` when this node's own key went first.
+        ``False`` when this node's own key went first. ``on_won`` runs as soon
+        as :attr:`won_at` is set, before this task yields: what it publishes
+        comes before any re-read by a :meth:`wait_reacted` caller.
         """
         backoff = self._timing.backoff()
         check = rpc.TxnRequest(
@@ -168,7 +171,8 @@ class Campaign:
                     return False
                 found = reply.responses[0].response_range.kvs
                 if not found:
-                    self._won(reply.header.revision)
+                    self.won_at = reply.header.revision
+                    on_won()
                     return True
                 lowest = reply.responses[1].response_range.kvs
                 try:
@@ -181,7 +185,8 @@ class Campaign:
                     await backoff.wait()
                     continue
                 if won_at is not None:
-                    self._won(won_at)
+                    self.won_at = won_at
+                    on_won()
                     return True
         finally:
             self._done_reacting()
@@ -215,15 +220,6 @@ class Campaign:
             # made again) and this key still existed then.
             return int(deleted[predecessor])
         return None
-
-    def _won(self, revision: int) -> None:
-        self.won_at = revision
-        _log.info(
-            "etcd_campaign_won",
-            node_id=self._node_id,
-            key=self.key.decode("utf-8", "replace"),
-            epoch=self.create_revision,
-        )
 
     def _done_reacting(self) -> None:
         """The campaign has reacted to ``waiting_on``'s change: wake whoever waits for that."""

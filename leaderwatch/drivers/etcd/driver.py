@@ -363,8 +363,13 @@ class EtcdElectionDriver(DriverBase):
         # created; the lease's revoke deletes it.
         if campaign is not None and self.campaigning:
             self._campaign = campaign
-            if await campaign.wait_until_first():
-                self._publish_state()
+            if await campaign.wait_until_first(on_won=self._publish_state):
+                _log.info(
+                    "etcd_campaign_won",
+                    node_id=self.node_id,
+                    key=campaign.key.decode("utf-8", "replace"),
+                    epoch=campaign.create_revision,
+                )
                 await campaign.key_gone.wait()
         return "campaign_key_deleted"
 
