@@ -29,6 +29,7 @@ from leaderwatch.drivers import (
 )
 from leaderwatch.errors import LeaderwatchError
 from leaderwatch.hint import LeaderHint, NoLeaderYet
+from leaderwatch.node import LeaderNode, NotLeader
 from leaderwatch.redirect import Redirect, Serve, decide
 from leaderwatch.serving import (
     BaseLeadershipHandler,
@@ -72,6 +73,7 @@ __all__ = [
     "Leader",
     "LeaderCache",
     "LeaderHint",
+    "LeaderNode",
     "LeaderState",
     "LeaderWatch",
     "LeaderWatchTask",
@@ -82,6 +84,7 @@ __all__ = [
     "LocalElectionDriver",
     "ManualDriver",
     "NoLeaderYet",
+    "NotLeader",
     "NotServing",
     "Redirect",
     "RetryBackoff",
