@@ -267,7 +267,7 @@ class _Admit:
             node._release(ticket)
         if cancelled:
             raise NotLeader(
-                node._refusal(),
+                node._refusal(count=False),
                 f"leader-only work admitted at epoch {ticket.epoch} was cancelled: this node "
                 "stopped leading at that epoch, or stepped down and the drain timeout "
                 f"({node.drain_timeout} s) passed; it may have been partly done",
@@ -305,8 +305,8 @@ class LeaderNode:
     - If the driver or the task fails after start-up, the gate closes, all
       admitted work and jobs are cancelled at once, and ``async with`` raises
       the error (as itself when it is the only one).
-    - :attr:`gate`, :meth:`decide` and the admission check build no value
-      per call: they return objects cached per gate value.
+    - :attr:`gate` and :meth:`decide` allocate nothing per call (they return
+      objects cached per gate value); an admission allocates one small ticket.
 
     ``self_endpoint`` defaults to the driver's ``node_endpoint`` (when it has
     one); it must be a valid endpoint and name the same node as the driver's.
@@ -540,13 +540,13 @@ class LeaderNode:
         if not in_flight and self._drained is not None:
             self._drained.set()
 
-    def _refusal(self) -> Redirect | NoLeaderYet:
-        """The decision to send instead of serving, counted."""
+    def _refusal(self, *, count: bool = True) -> Redirect | NoLeaderYet:
+        """The decision to send instead of serving (counted as a refusal unless ``count``)."""
         decision = self.decide()
         if isinstance(decision, Redirect):
-            self._redirected += 1
+            self._redirected += count
             return decision
-        self._unavailable += 1
+        self._unavailable += count
         if isinstance(decision, Serve):
             # Only reachable if the gate opened since the admission check: still refuse.
             return NoLeaderYet(leader_epoch=decision.epoch)
