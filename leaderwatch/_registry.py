@@ -11,8 +11,8 @@ object of that kind holds the name (tests build many ``ManualDriver()`` named
 never changes for the life of its object.
 
 Thread-safe: objects may be built in any thread, and :func:`live` may be
-called from any thread (a metrics server's, typically). Tracking costs one
-lock and two dictionary insertions per constructed object; nothing is done
+called from any thread (a metrics server's, typically). Tracking costs a
+lock and a weak dictionary insertion per constructed object; nothing is done
 per request.
 """
 
@@ -25,7 +25,7 @@ from typing import Final, Literal, TypeVar
 
 import anyio
 
-__all__ = ["KINDS", "Kind", "clock_offset", "label_of", "live", "note_event_loop_clock", "track"]
+__all__ = ["KINDS", "Kind", "clock_offset", "live", "note_event_loop_clock", "track"]
 
 Kind = Literal["watch", "driver", "task", "node", "client"]
 KINDS: Final[tuple[Kind, ...]] = ("watch", "driver", "task", "node", "client")
@@ -36,7 +36,6 @@ _lock = threading.Lock()
 _by_label: dict[Kind, weakref.WeakValueDictionary[str, object]] = {
     kind: weakref.WeakValueDictionary() for kind in KINDS
 }
-_labels: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 _clock_offsets: weakref.WeakKeyDictionary[object, float] = weakref.WeakKeyDictionary()
 
 
@@ -50,18 +49,11 @@ def track(kind: Kind, obj: object, name: str) -> str:
             label = f"{name}#{suffix}"
             suffix += 1
         known[label] = obj
-        _labels[obj] = label
     return label
 
 
-def label_of(obj: object) -> str | None:
-    """The label ``obj`` was tracked under, ``None`` if it was not."""
-    with _lock:
-        return _labels.get(obj)
-
-
 def live(kind: Kind, cls: type[_T]) -> list[tuple[str, _T]]:
-    """The live ``kind`` objects that are ``cls`` instances, with their labels, oldest first."""
+    """The live ``kind`` objects that are ``cls`` instances, with their labels (tracking order)."""
     with _lock:
         items = list(_by_label[kind].items())
     return [(label, obj) for label, obj in items if isinstance(obj, cls)]
