@@ -10,7 +10,7 @@
 The collector reports every leaderwatch object alive in the process —
 leadership watches (and so every driver's), drivers, serving tasks,
 :class:`~leaderwatch.node.LeaderNode` objects and client
-:class:`~leaderwatch.client.LeaderCache` objects (and so every HTTP or gRPC
+:class:`~leaderwatch.client.LeaderCache` objects (and so every leader-aware
 client's) — found through a weak registry their constructors fill: nothing
 is wired per object, and an object that is garbage-collected drops out of
 the output. It reads the counters the objects keep anyway (their ``stats``)
