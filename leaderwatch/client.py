@@ -294,6 +294,14 @@ class LeaderCache:
             return None
         return entry
 
+    def _valid(self, endpoint: str) -> str:
+        """``endpoint`` if it is valid, else raise; configured and cached ones were checked."""
+        if type(endpoint) is str:
+            entry = self._entry
+            if endpoint in self._configured or (entry is not None and endpoint == entry.endpoint):
+                return endpoint
+        return parse_endpoint(endpoint)
+
     def compare_and_set_leader(self, endpoint: str, epoch: int | None) -> bool:
         """Offer a leader hint; return whether it was accepted (the cache now holds ``endpoint``).
 
@@ -301,7 +309,7 @@ class LeaderCache:
         :class:`~leaderwatch.state.InvalidEpoch` for an invalid argument;
         wire input goes through :meth:`classify` instead.
         """
-        seated = self._update(parse_endpoint(endpoint), _checked_epoch(epoch), hint=True)
+        seated = self._update(self._valid(endpoint), _checked_epoch(epoch), hint=True)
         return not isinstance(seated, str)
 
     def record_success(self, endpoint: str, epoch: int | None) -> bool:
@@ -310,7 +318,7 @@ class LeaderCache:
         A reply proves ``endpoint`` alive: its failure backoff, if any, ends
         whether or not the update is accepted.
         """
-        seated = self._update(parse_endpoint(endpoint), _checked_epoch(epoch), hint=False)
+        seated = self._update(self._valid(endpoint), _checked_epoch(epoch), hint=False)
         return not isinstance(seated, str)
 
     def record_failure(self, endpoint: str) -> None:
@@ -331,7 +339,7 @@ class LeaderCache:
         A success reported for ``endpoint`` ends the backoff at once. Raises
         :class:`~leaderwatch.state.InvalidEndpoint` for an invalid endpoint.
         """
-        parse_endpoint(endpoint)
+        self._valid(endpoint)
         with self._lock:
             now = self._clock()
             failure = self._failures.get(endpoint)

@@ -43,11 +43,12 @@ if not hasattr(httpx, "AsyncBaseTransport"):  # pragma: no cover - a path mistak
         "do not run Python from inside the leaderwatch/ directory"
     )
 
+import math
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import anyio
 
@@ -95,7 +96,7 @@ IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT",
 """Methods re-sent after their bytes may have reached a server (idempotent per RFC 9110)."""
 
 _MAX_DRAINED_BODY: Final = 64 * 1024
-_PHASE_SHARE: Final = 0.95
+_PHASE_SHARE: Final = 0.9
 _MAX_TARGETS: Final = 256
 
 
@@ -110,7 +111,14 @@ class LeaderUnavailable(GaveUpError, httpx.TransportError):
     """
 
     def __init__(self, gave_up: GaveUp, *, request: httpx.Request | None = None) -> None:
-        super().__init__(gave_up)
+        message = gave_up.message
+        if gave_up.reason == "outcome_unknown" and request is not None:
+            message += (
+                f". {request.method} is not idempotent: send it with an "
+                f"{IDEMPOTENCY_KEY_HEADER} header (or build the transport with "
+                "idempotency_keys=True) and deduplicate on the server"
+            )
+        super().__init__(gave_up, message)
         if request is not None:
             self.request = request
 
@@ -192,14 +200,17 @@ class _Target:
         return httpx.URL(f"{self.scheme}://{self.host_header}{original.raw_path.decode('ascii')}")
 
 
+_URL_FIELDS: Final = ("scheme", "userinfo", "host", "port", "path", "query", "fragment")
+
+
 def _fast_url_supported() -> bool:
     """Whether httpx's URL internals are the ones the fast path relies on (checked once)."""
     try:
-        probe = httpx.URL("http://a:1/p?q=1")
-        reference = probe._uri_reference
-        moved = reference._replace(scheme="https", userinfo="", host="b", port=2)
+        reference = httpx.URL("http://u@a:1/p?q=1#f")._uri_reference
+        if getattr(type(reference), "_fields", None) != _URL_FIELDS:
+            return False
         built = httpx.URL.__new__(httpx.URL)
-        built._uri_reference = moved
+        built._uri_reference = type(reference)("https", "", "b", 2, "/p", "q=1", None)
         return str(built) == "https://b:2/p?q=1" and built == httpx.URL("https://b:2/p?q=1")
     except Exception:
         return False
@@ -215,28 +226,34 @@ class _FastTarget(_Target):
     parts come from a URL httpx itself parsed, so they are normalised.
     """
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_host", "_port", "_scheme")
 
     def __init__(self, scheme: str, endpoint: str) -> None:
         super().__init__(scheme, endpoint)
         reference = httpx.URL(f"{scheme}://{endpoint}/")._uri_reference
-        self._parts: dict[str, Any] = {
-            "scheme": reference.scheme,
-            "userinfo": "",
-            "host": reference.host,
-            "port": reference.port,
-        }
+        self._scheme: str = reference.scheme
+        self._host: str = reference.host
+        self._port: int | None = reference.port
 
     def url(self, original: httpx.URL) -> httpx.URL:
-        built = httpx.URL.__new__(httpx.URL)
         reference = original._uri_reference
-        built._uri_reference = reference._replace(
-            **self._parts, path=reference.path or "/", fragment=None
+        built = httpx.URL.__new__(httpx.URL)
+        built._uri_reference = type(reference)(
+            self._scheme, "", self._host, self._port, reference.path or "/", reference.query, None
         )
         return built
 
 
 # --- shared between the async and the sync transport ----------------------------------------
+
+
+class _Call(NamedTuple):
+    """One logical request across its attempts."""
+
+    request: httpx.Request
+    plan: AttemptPlan
+    stream: Any
+    host_is_url: bool
 
 
 class _Transport:
@@ -283,45 +300,51 @@ class _Transport:
 
     # One per logical request.
 
-    def plan(self, request: httpx.Request) -> AttemptPlan:
-        """The plan for ``request``; adds its idempotency key to it when configured to."""
-        method = request.method
-        keyed = IDEMPOTENCY_KEY_HEADER in request.headers
-        if not keyed and self.idempotency_keys and method not in IDEMPOTENT_METHODS:
-            # On the caller's request (as httpx's auth flows do), so response.request shows it.
-            request.headers[IDEMPOTENCY_KEY_HEADER] = str(uuid.uuid4())
-            keyed = True
-        return AttemptPlan(
+    def call(self, request: httpx.Request) -> _Call:
+        """One logical request: its plan, its body; adds its idempotency key if configured to."""
+        safe_to_resend = request.method in IDEMPOTENT_METHODS
+        if not safe_to_resend:
+            safe_to_resend = IDEMPOTENCY_KEY_HEADER in request.headers
+            if not safe_to_resend and self.idempotency_keys:
+                # On the caller's request (as httpx's auth flows do): response.request shows it.
+                request.headers[IDEMPOTENCY_KEY_HEADER] = str(uuid.uuid4())
+                safe_to_resend = True
+        plan = AttemptPlan(
             self.cache,
             self.policy,
-            safe_to_resend=keyed or method in IDEMPOTENT_METHODS,
+            safe_to_resend=safe_to_resend,
             clock=self._clock,
             rng=self._rng,
         )
-
-    def body(self, request: httpx.Request) -> Any:
-        """The stream every attempt sends: the request's own if replayable, else a one-shot."""
         stream = request.stream
-        return stream if _replayable(stream) else _OnceStream(stream)
+        return _Call(
+            request,
+            plan,
+            stream if _replayable(stream) else _OnceStream(stream),
+            # The Host header httpx derived from the URL follows the endpoint; one set by
+            # the caller (virtual hosting) is kept.
+            request.headers.get("host") == request.url.netloc.decode("ascii"),
+        )
 
     # One per attempt.
 
     def attempt_request(
-        self, request: httpx.Request, attempt: Attempt, stream: Any, plan: AttemptPlan, *,
-        phase_timeout: float,
-    ) -> tuple[httpx.Request, dict[str, float | None]]:  # fmt: skip
-        """``request`` aimed at ``attempt.endpoint``; the timeouts to restore after its head.
+        self, call: _Call, attempt: Attempt, phase_timeout: float
+    ) -> tuple[httpx.Request, dict[str, float | None]]:
+        """The request aimed at ``attempt.endpoint``; the timeouts to restore after its head.
 
         Raises :class:`BodyNotReplayable` if a re-send needs a one-shot body
         that was already read.
         """
-        if isinstance(stream, _OnceStream) and stream.started:
+        request = call.request
+        stream = call.stream
+        if stream.__class__ is _OnceStream and stream.started:
             raise BodyNotReplayable(
                 f"the request body is a stream that was already sent to an earlier attempt, "
                 f"and attempt #{attempt.number} to {attempt.endpoint} needs it again; nothing "
                 "was sent twice. Send the body as bytes (content=..., json=..., data=...) or "
                 "call request.read() first so it can be replayed",
-                plan.attempts,
+                call.plan.attempts,
             )
         endpoint = attempt.endpoint
         target = self._targets.get(endpoint)
@@ -331,25 +354,24 @@ class _Transport:
             target = self._targets[endpoint] = (_FastTarget if _FAST_URL else _Target)(
                 self.scheme, endpoint
             )
-        original_url = request.url
-        headers = request.headers.copy()
-        if headers.get("host") == original_url.netloc.decode("ascii"):
-            headers["Host"] = target.host_header
         extensions = dict(request.extensions)
         given = extensions.get("timeout")
         timeouts: dict[str, float | None] = dict(given) if isinstance(given, dict) else {}
-        for phase in ("connect", "read", "write"):
-            value = timeouts.get(phase)
-            timeouts[phase] = phase_timeout if value is None else min(value, phase_timeout)
+        if phase_timeout < math.inf:  # an infinite attempt_timeout leaves the caller's alone
+            for phase in ("connect", "read", "write"):
+                value = timeouts.get(phase)
+                timeouts[phase] = phase_timeout if value is None else min(value, phase_timeout)
         extensions["timeout"] = timeouts
         restore = {"read": given.get("read") if isinstance(given, dict) else None}
         outgoing = httpx.Request(
             request.method,
-            target.url(original_url),
-            headers=headers,
+            target.url(request.url),
+            headers=request.headers,  # copied by httpx.Request
             stream=stream,
             extensions=extensions,
         )
+        if call.host_is_url:
+            outgoing.headers["Host"] = target.host_header
         return outgoing, restore
 
     def outcome(self, response: httpx.Response) -> Outcome:
@@ -418,10 +440,14 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
     idempotent one ``Idempotency-Key`` header, the same on all its attempts
     (a caller's own key is kept), so it may be re-sent safely.
 
-    Each attempt is bounded by its ``timeout`` (a cancel scope), and the
-    inner transport's connect/read/write timeouts are capped slightly below
-    it so a timeout says whether the request left; the response body is
-    then read with the caller's own read timeout. ``sleep`` waits between
+    Each attempt's time (``attempt_timeout``, or what is left of the
+    deadline) caps the connect, write and read timeouts the inner transport
+    applies until the response head arrives, so a frozen or unreachable
+    node costs one attempt and a timeout says whether the request left; the
+    body is then read with the caller's own read timeout. An inner
+    transport other than ``httpx.AsyncHTTPTransport`` (which enforces those
+    timeouts itself) is also bounded by a cancel scope around each attempt,
+    with its phase timeouts capped at 90 % of it. ``sleep`` waits between
     attempts and ``clock`` measures the deadline (tests inject both).
     """
 
@@ -449,6 +475,9 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
         )
         self._inner = httpx.AsyncHTTPTransport() if inner is None else inner
         self._sleep = sleep
+        # httpx's own transport enforces the (capped) phase timeouts itself; any other
+        # inner transport gets a cancel scope around each attempt.
+        self._scoped = not isinstance(self._inner, httpx.AsyncHTTPTransport)
 
     @property
     def cache(self) -> LeaderCache:
@@ -463,18 +492,20 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` to the leader; raise :class:`LeaderUnavailable` on giving up."""
         shared = self._shared
-        plan = shared.plan(request)
-        stream = shared.body(request)
+        call = shared.call(request)
         inner = self._inner
+        scoped = self._scoped
 
         async def send(attempt: Attempt) -> tuple[Outcome, httpx.Response | None]:
             budget = attempt.timeout
-            outgoing, restore = shared.attempt_request(
-                request, attempt, stream, plan, phase_timeout=budget * _PHASE_SHARE
-            )
             response: httpx.Response | None = None
             try:
-                with anyio.move_on_after(budget):
+                if scoped:
+                    outgoing, restore = shared.attempt_request(call, attempt, budget * _PHASE_SHARE)
+                    with anyio.move_on_after(budget):
+                        response = await inner.handle_async_request(outgoing)
+                else:
+                    outgoing, restore = shared.attempt_request(call, attempt, budget)
                     response = await inner.handle_async_request(outgoing)
             except httpx.TransportError as error:
                 outcome = _failure(error)
@@ -494,7 +525,7 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
         def gave_up(record: GaveUp) -> LeaderUnavailable:
             return LeaderUnavailable(record, request=request)
 
-        return await run_attempts(plan, send, gave_up=gave_up, sleep=self._sleep)
+        return await run_attempts(call.plan, send, gave_up=gave_up, sleep=self._sleep)
 
     async def aclose(self) -> None:
         """Close the inner transport."""
@@ -562,14 +593,11 @@ class LeaderAwareSyncTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` to the leader; raise :class:`LeaderUnavailable` on giving up."""
         shared = self._shared
-        plan = shared.plan(request)
-        stream = shared.body(request)
+        call = shared.call(request)
         inner = self._inner
 
         def send(attempt: Attempt) -> tuple[Outcome, httpx.Response | None]:
-            outgoing, restore = shared.attempt_request(
-                request, attempt, stream, plan, phase_timeout=attempt.timeout
-            )
+            outgoing, restore = shared.attempt_request(call, attempt, attempt.timeout)
             try:
                 response = inner.handle_request(outgoing)
             except httpx.TransportError as error:
@@ -588,7 +616,7 @@ class LeaderAwareSyncTransport(httpx.BaseTransport):
         def gave_up(record: GaveUp) -> LeaderUnavailable:
             return LeaderUnavailable(record, request=request)
 
-        return run_attempts_sync(plan, send, gave_up=gave_up, sleep=self._sleep)
+        return run_attempts_sync(call.plan, send, gave_up=gave_up, sleep=self._sleep)
 
     def close(self) -> None:
         """Close the inner transport."""

@@ -277,8 +277,8 @@ class GaveUpError(LeaderwatchError):
     (:class:`leaderwatch.httpx.LeaderUnavailable` is an ``httpx.TransportError``).
     """
 
-    def __init__(self, gave_up: GaveUp) -> None:
-        super().__init__(gave_up.message)
+    def __init__(self, gave_up: GaveUp, message: str | None = None) -> None:
+        super().__init__(gave_up.message if message is None else message)
         self.gave_up = gave_up
 
     @property
