@@ -29,6 +29,7 @@ from leaderwatch.drivers import (
 )
 from leaderwatch.errors import LeaderwatchError
 from leaderwatch.hint import LeaderHint, NoLeaderYet
+from leaderwatch.node import LeaderNode, NotLeader
 from leaderwatch.redirect import Redirect, Serve, decide
 from leaderwatch.serving import (
     BaseLeadershipHandler,
@@ -75,6 +76,7 @@ __all__ = [
     "Leader",
     "LeaderCache",
     "LeaderHint",
+    "LeaderNode",
     "LeaderState",
     "LeaderWatch",
     "LeaderWatchTask",
@@ -85,6 +87,7 @@ __all__ = [
     "LocalElectionDriver",
     "ManualDriver",
     "NoLeaderYet",
+    "NotLeader",
     "NotServing",
     "Redirect",
     "RetryBackoff",
