@@ -19,7 +19,7 @@ from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.lowlevel
-import grpc  # type: ignore[import-untyped]
+import grpc
 import sniffio
 from aetcd import rpc
 from anyio.abc import TaskGroup
