@@ -13,8 +13,11 @@ Every server is ``tests/grpc_node_server.py`` in its own process on
   channel; and ``LeaderChannelPool`` (cache seated: the steady state)
   against a plain channel to the same interceptor server. Sequential calls
   (latency) and 16 concurrent callers (throughput); rounds alternate, so
-  both sides see the same machine; the figure is the median over rounds of
-  the mean time per call. Target: at most 5 % for the interceptor.
+  both sides see the same machine. Two figures: the median over rounds of
+  the mean wall time per call, and the CPU time per call of the side that
+  changed (the server's, from ``/proc``, for the interceptor; this
+  client's for the pool), summed over all rounds: on a busy machine the
+  CPU figure is the steadier one. Target: at most 5 % for the interceptor.
 - **failover**: three nodes; a client calls ``Who`` back to back through a
   ``LeaderChannelPool`` (each call with a 5 s deadline); the leader is
   killed (``kill9``) or stopped (``sigterm``: it steps down, drains, resigns
@@ -73,6 +76,10 @@ class OverheadRow:
     baseline_us: float
     subject_us: float
     ratio: float
+    cpu_side: str
+    baseline_cpu_us: float
+    subject_cpu_us: float
+    cpu_ratio: float
     rounds: int
     calls_per_round: int
 
@@ -92,6 +99,12 @@ class FailoverRow:
 # --- overhead --------------------------------------------------------------------------------
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def per_call_us(call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> float:
     """Mean wall time per call, in microseconds, with ``concurrency`` callers."""
     each = calls // concurrency
@@ -107,12 +120,33 @@ async def per_call_us(call: Callable[[], Awaitable[Any]], calls: int, concurrenc
     return (time.perf_counter() - started) / (each * concurrency) * 1e6
 
 
+@dataclass
+class Subject:
+    """One way of calling ``Who``, and the CPU its server and this client spent on it."""
+
+    call: Callable[[], Awaitable[Any]]
+    server_pid: int
+    wall_us: list[float] = field(default_factory=list)
+    server_cpu: float = 0.0
+    client_cpu: float = 0.0
+    calls: int = 0
+
+    async def round(self, calls: int, concurrency: int) -> None:
+        server_before, client_before = process_cpu(self.server_pid), time.process_time()
+        self.wall_us.append(await per_call_us(self.call, calls, concurrency))
+        self.server_cpu += process_cpu(self.server_pid) - server_before
+        self.client_cpu += time.process_time() - client_before
+        self.calls += calls // concurrency * concurrency
+
+
 async def overhead(base: Path, rounds: int, calls: int) -> list[OverheadRow]:
     with_interceptor = Cluster(base / "with", 1, events=False)
     without = Cluster(base / "without", 1, ["--no-interceptor"], events=False)
     try:
         leader = with_interceptor.endpoints[0]
         plain_endpoint = without.endpoints[0]
+        leader_pid = with_interceptor.nodes[0].process.pid
+        plain_pid = without.nodes[0].process.pid
         async with (
             grpc.aio.insecure_channel(leader) as to_leader,
             grpc.aio.insecure_channel(plain_endpoint) as to_plain,
@@ -121,39 +155,50 @@ async def overhead(base: Path, rounds: int, calls: int) -> list[OverheadRow]:
             intercepted = to_leader.unary_unary(WHO, identity, decode)
             plain = to_plain.unary_unary(WHO, identity, decode)
             pooled = pool.stub(TicketStub).Who
-            subjects: dict[str, Callable[[], Awaitable[Any]]] = {
-                "server without interceptor": lambda: plain(b""),
-                "server with interceptor": lambda: intercepted(b""),
-                "LeaderChannelPool": lambda: pooled(b""),
-            }
-            for call in subjects.values():  # warm up: connections, caches, JIT-free paths
-                await per_call_us(call, 400, 4)
             rows = []
             for mode, concurrency in (
                 ("sequential", 1),
                 (f"{CONCURRENCY} concurrent", CONCURRENCY),
             ):
-                samples: dict[str, list[float]] = {name: [] for name in subjects}
+                subjects = {
+                    "server without interceptor": Subject(lambda: plain(b""), plain_pid),
+                    "server with interceptor": Subject(lambda: intercepted(b""), leader_pid),
+                    "LeaderChannelPool": Subject(lambda: pooled(b""), leader_pid),
+                }
+                for subject in subjects.values():  # warm up: connections, caches
+                    await per_call_us(subject.call, 400, concurrency)
                 for index in range(rounds):
-                    order = list(subjects.items())
+                    order = list(subjects.values())
                     if index % 2:
                         order.reverse()
-                    for name, call in order:
-                        samples[name].append(await per_call_us(call, calls, concurrency))
-                median = {name: statistics.median(values) for name, values in samples.items()}
-                for name, baseline, subject in (
-                    ("interceptor", "server without interceptor", "server with interceptor"),
-                    ("client pool", "server with interceptor", "LeaderChannelPool"),
-                ):
+                    for subject in order:
+                        await subject.round(calls, concurrency)
+                for name, baseline_name, subject_name, side in (
+                    ("interceptor", "server without interceptor", "server with interceptor",
+                     "server"),
+                    ("client pool", "server with interceptor", "LeaderChannelPool", "client"),
+                ):  # fmt: skip
+                    baseline, subject = subjects[baseline_name], subjects[subject_name]
+                    wall = statistics.median(baseline.wall_us), statistics.median(subject.wall_us)
+                    cpu = tuple(
+                        (each.server_cpu if side == "server" else each.client_cpu)
+                        / each.calls
+                        * 1e6
+                        for each in (baseline, subject)
+                    )
                     rows.append(
                         OverheadRow(
                             name=name,
                             mode=mode,
-                            baseline=baseline,
-                            subject=subject,
-                            baseline_us=round(median[baseline], 1),
-                            subject_us=round(median[subject], 1),
-                            ratio=round(median[subject] / median[baseline], 4),
+                            baseline=baseline_name,
+                            subject=subject_name,
+                            baseline_us=round(wall[0], 1),
+                            subject_us=round(wall[1], 1),
+                            ratio=round(wall[1] / wall[0], 4),
+                            cpu_side=side,
+                            baseline_cpu_us=round(cpu[0], 1),
+                            subject_cpu_us=round(cpu[1], 1),
+                            cpu_ratio=round(cpu[1] / cpu[0], 4),
                             rounds=rounds,
                             calls_per_round=calls,
                         )
@@ -251,13 +296,15 @@ async def failover(base: Path, fault: str, rounds: int) -> FailoverRow:
 
 def table(overheads: list[OverheadRow], failovers: list[FailoverRow]) -> str:
     lines = [
-        "overhead per unary call over loopback (median of per-round means)",
-        f"{'what':<12} {'mode':<14} {'baseline µs':>12} {'subject µs':>11} {'ratio':>7}",
+        "overhead per unary call over loopback: wall time (median of per-round means) and CPU",
+        f"{'what':<12} {'mode':<14} {'base µs':>8} {'with µs':>8} {'ratio':>6}   "
+        f"{'CPU of':<6} {'base µs':>8} {'with µs':>8} {'ratio':>6}",
     ]
     for row in overheads:
         lines.append(
-            f"{row.name:<12} {row.mode:<14} {row.baseline_us:>12.1f} {row.subject_us:>11.1f} "
-            f"{row.ratio:>7.3f}"
+            f"{row.name:<12} {row.mode:<14} {row.baseline_us:>8.1f} {row.subject_us:>8.1f} "
+            f"{row.ratio:>6.3f}   {row.cpu_side:<6} {row.baseline_cpu_us:>8.1f} "
+            f"{row.subject_cpu_us:>8.1f} {row.cpu_ratio:>6.3f}"
         )
     lines += [
         "",

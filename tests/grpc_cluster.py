@@ -92,7 +92,7 @@ class Cluster:
         self, base: Path, size: int, extra: Sequence[str] = (), *, events: bool = True
     ) -> None:
         self.directory = base / "election"
-        self.directory.mkdir()
+        self.directory.mkdir(parents=True)
         self.events: Path | None = base / "events.jsonl" if events else None
         self.extra = tuple(extra)
         self.nodes = [NodeServer(self.directory, self.events, *extra) for _ in range(size)]

@@ -251,13 +251,16 @@ async def test_leader_runs_the_call_inside_admission_with_the_epoch(
     async with channel:
         call = channel.unary_unary(WHO, identity, decode)(b"")
         reply = await call
-        metadata = dict(await call.initial_metadata())
         assert reply["epoch"] == 9  # current_epoch() inside the handler
-        assert metadata["leader-epoch"] == "9"
+        # A unary reply carries it with its status (no extra batch for initial metadata).
+        assert dict(await call.trailing_metadata())["leader-epoch"] == "9"
+        assert "leader-epoch" not in dict(await call.initial_metadata())
         stream = channel.unary_stream(COUNT, identity, decode)(b"2")
         replies = [reply async for reply in stream]
         assert [r["epoch"] for r in replies] == [9, 9]
+        # A stream carries it before its first message, and with its status.
         assert dict(await stream.initial_metadata())["leader-epoch"] == "9"
+        assert dict(await stream.trailing_metadata())["leader-epoch"] == "9"
         # A handler sending its own initial metadata keeps it, with ours added.
         own = channel.unary_unary("/leaderwatch.test.Ticket/Metadata", identity, decode)(b"")
         await own
@@ -266,6 +269,37 @@ async def test_leader_runs_the_call_inside_admission_with_the_epoch(
         assert metadata["leader-epoch"] == "9"
     assert node.admitted == 3
     assert node.in_flight == 0
+
+
+async def test_epoch_in_initial_metadata_of_unary_replies_on_request(
+    servers: Callable[..., Any],
+) -> None:
+    leader = await servers(ScriptedNode(Serve(epoch=4)), epoch_in_initial_metadata=True)
+    async with grpc.aio.insecure_channel(leader.endpoint) as channel:
+        call = channel.unary_unary(WHO, identity, decode)(b"")
+        await call
+        assert dict(await call.initial_metadata())["leader-epoch"] == "4"
+        assert dict(await call.trailing_metadata())["leader-epoch"] == "4"
+
+
+async def test_handler_trailing_metadata_keeps_the_epoch(servers: Callable[..., Any]) -> None:
+    def handlers(server: Server) -> list[grpc.GenericRpcHandler]:
+        async def who(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            context.set_trailing_metadata((("x-own", "1"),))
+            return b"{}"
+
+        return [
+            grpc.method_handlers_generic_handler(
+                "leaderwatch.test.Ticket", {"Who": grpc.unary_unary_rpc_method_handler(who)}
+            )
+        ]
+
+    leader = await servers(ScriptedNode(Serve(epoch=6)), handlers=handlers)
+    async with grpc.aio.insecure_channel(leader.endpoint) as channel:
+        call = channel.unary_unary(WHO, identity, decode)(b"")
+        await call
+        trailers = dict(await call.trailing_metadata())
+    assert (trailers["x-own"], trailers["leader-epoch"]) == ("1", "6")
 
 
 async def test_stream_request_methods_are_admitted_too(servers: Callable[..., Any]) -> None:
