@@ -180,12 +180,18 @@ class _Ticket:
 
     __slots__ = ("baseline", "cancel_requested", "epoch", "scope", "task")
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        task: asyncio.Task[Any] | None,
+        baseline: int,
+        scope: anyio.CancelScope | None,
+    ) -> None:
         self.epoch = epoch
+        self.task = task
+        self.baseline = baseline
+        self.scope = scope
         self.cancel_requested = False
-        self.scope: anyio.CancelScope | None = None
-        self.task: asyncio.Task[Any] | None = None
-        self.baseline = 0
 
     def cancel(self) -> bool:
         """Ask the work to stop; whether this call asked (first time only)."""
@@ -519,16 +525,15 @@ class LeaderNode:
             self._lease_expired += 1
             return None
         epoch = gate.epoch
-        ticket = _Ticket(epoch)
         if self._native:
             task = asyncio.current_task()
             if task is None:
                 raise RuntimeError("admit() must run inside a task of the node's event loop")
-            ticket.task = task
-            ticket.baseline = task.cancelling()
+            ticket = _Ticket(epoch, task, task.cancelling(), None)
         else:
-            scope = ticket.scope = self._new_scope()
+            scope = self._new_scope()
             scope.__enter__()
+            ticket = _Ticket(epoch, None, 0, scope)
         self._in_flight.add(ticket)
         admitted = self._admitted
         admitted[epoch] = admitted.get(epoch, 0) + 1
