@@ -664,7 +664,9 @@ class LeaderUnaryUnary(_Method, Generic[_Request, _Response]):
         while isinstance(step, Attempt):
             if step.delay > 0:
                 await pool._sleep(step.delay)
-            pooled = await pool._acquire(step.endpoint)
+            pooled = pool._acquire_now(step.endpoint)
+            if pool._crowded:
+                await pool._make_room(keep=step.endpoint)
             try:
                 call = self._callable(pooled)(
                     request,
@@ -688,7 +690,8 @@ class LeaderUnaryUnary(_Method, Generic[_Request, _Response]):
                 if epoch is None:
                     epoch = _served_epoch(await call.initial_metadata())
             finally:
-                await pool._release(pooled)
+                if pool._release_now(pooled):
+                    await pool._close_retired(pooled)
             step = plan.after(pool._served(epoch))
             if step is DONE:
                 return cast(_Response, response)
@@ -1248,9 +1251,14 @@ class LeaderChannelPool:
         pooled.users += 1
         return pooled
 
+    @property
+    def _crowded(self) -> bool:
+        """Whether hint-only channels are over the cap or retired ones wait to be closed."""
+        return len(self._hinted) > self._max_hint_channels or bool(self._idle_retired)
+
     async def _acquire(self, endpoint: str) -> _Pooled:
         pooled = self._acquire_now(endpoint)
-        if len(self._hinted) > self._max_hint_channels or self._idle_retired:
+        if self._crowded:
             await self._make_room(keep=endpoint)
         return pooled
 
@@ -1283,9 +1291,14 @@ class LeaderChannelPool:
 
     async def _release(self, pooled: _Pooled) -> None:
         if self._release_now(pooled):
+            await self._close_retired(pooled)
+
+    async def _close_retired(self, pooled: _Pooled) -> None:
+        """Close a retired channel whose last call just ended."""
+        with contextlib.suppress(ValueError):
             self._idle_retired.remove(pooled)
-            with anyio.CancelScope(shield=True):
-                await pooled.channel.close()
+        with anyio.CancelScope(shield=True):
+            await pooled.channel.close()
 
     def _release_now(self, pooled: _Pooled) -> bool:
         """Count one call off ``pooled``; ``True`` if it was retired and is now idle.
