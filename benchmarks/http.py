@@ -347,6 +347,13 @@ def loopback(requests: int, connections: int, rounds: int) -> dict[str, Any]:
         if cpu:
             row["server_cpu_us"] = statistics.median(cpu)
         summary[name] = row
+    if all("server_cpu_us" in run for results in runs.values() for run in results):
+        # Per-round differences: both servers of a round saw the same machine load.
+        for name, base in (("leader_vs_plain", "plain"), ("leader_vs_runner", "runner")):
+            summary[f"{name}_cpu_diff_us"] = statistics.median(
+                leader_run["server_cpu_us"] - base_run["server_cpu_us"]
+                for leader_run, base_run in zip(runs["leader"], runs[base], strict=True)
+            )
     plain, runner, leader = summary["plain"], summary["runner"], summary["leader"]
     summary["overhead_pct"] = overhead_pct(leader["best_mean_us"], plain["best_mean_us"])
     summary["middleware_overhead_pct"] = overhead_pct(
@@ -527,6 +534,13 @@ def print_table(result: dict[str, Any], out: Any) -> None:
             "",
             f"{loop.get('middleware_server_cpu_overhead_pct', math.nan):+.2f} %",
         )
+        if "leader_vs_plain_cpu_diff_us" in loop:
+            print(
+                "median per-round server CPU difference: leader - plain "
+                f"{loop['leader_vs_plain_cpu_diff_us']:+.1f} µs, leader - runner "
+                f"{loop['leader_vs_runner_cpu_diff_us']:+.1f} µs per request",
+                file=out,
+            )
     if "handover" in result:
         hand = result["handover"]
         print(
@@ -559,6 +573,7 @@ def main() -> None:
         help="parts to run",
     )
     parser.add_argument("--poll", type=float, default=0.05, help="local driver poll interval (s)")
+    parser.add_argument("--rounds", type=int, help="loopback and hand-over rounds")
     parser.add_argument(
         "--serve", choices=("plain", "runner", "leader", "node"), help=argparse.SUPPRESS
     )
@@ -582,10 +597,12 @@ def main() -> None:
         )
     if "loopback" in parts:
         result["loopback"] = loopback(
-            requests=1_000 if quick else 10_000, connections=8, rounds=1 if quick else 9
+            requests=1_000 if quick else 10_000,
+            connections=8,
+            rounds=args.rounds or (1 if quick else 9),
         )
     if "handover" in parts:
-        result["handover"] = handover(rounds=1 if quick else 5, poll=args.poll)
+        result["handover"] = handover(rounds=args.rounds or (1 if quick else 5), poll=args.poll)
     if args.json is None:
         print_table(result, sys.stdout)
     else:
