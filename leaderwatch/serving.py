@@ -165,6 +165,9 @@ class LeaderWatchTaskStats(BaseModel):
     """The largest fence latency seen."""
 
 
+_NOT_SERVING: Final = NotServing()
+
+
 def _closed_gate(state: LeaderState) -> NotServing:
     match state:
         case Leader(epoch=epoch):
@@ -289,6 +292,7 @@ class LeaderWatchTask:
 
     __slots__ = (
         "_clock",
+        "_closed_view",
         "_fences_completed",
         "_fences_superseded",
         "_gate",
@@ -331,6 +335,8 @@ class LeaderWatchTask:
         )
         self._clock = clock
         self._gate: WatchSender[Serving | NotServing] = WatchSender(NotServing())
+        # current_gate's closed value for the leadership value it was built from (by identity).
+        self._closed_view: tuple[object, NotServing] = (None, _NOT_SERVING)
         self._running = False
         self._transitions = 0
         self._fences_completed = 0
@@ -356,10 +362,14 @@ class LeaderWatchTask:
         gate = self._gate.borrow()
         if isinstance(gate, Serving):
             if self._leadership.is_closed:
-                return NotServing()
+                return _NOT_SERVING
             leadership = self._leadership.borrow()
-            if leadership != Leader(epoch=gate.epoch):
-                return _closed_gate(leadership)
+            # Same test as ``leadership != Leader(epoch=gate.epoch)``, without building a value.
+            if type(leadership) is not Leader or leadership.epoch != gate.epoch:
+                closed = self._closed_view
+                if closed[0] is not leadership:
+                    closed = self._closed_view = (leadership, _closed_gate(leadership))
+                return closed[1]
         return gate
 
     @property
