@@ -6,9 +6,13 @@ Three parts, in one run, each against the same thing without leaderwatch:
   ``LeaderRedirectMiddleware`` (leader serving; follower redirecting), on a
   raw ASGI app and on a Starlette app; plus the hot-path primitives
   (``decide``, ``current_gate``, ``node.gate``, ``node.decide()``).
-- ``loopback``: the same app served by uvicorn subprocesses on loopback, with
-  and without the middleware (a ``StaticDriver`` leader), driven by a
-  keep-alive HTTP/1.1 client; rounds interleave the two servers.
+- ``loopback``: the same app served by uvicorn subprocesses on loopback:
+  ``plain`` (``uvicorn.run``), ``runner`` (``leaderwatch.uvicorn.serve`` with
+  a node, no middleware) and ``leader`` (the same with the middleware; a
+  ``StaticDriver`` leader), driven by a keep-alive HTTP/1.1 client; rounds
+  interleave the servers. Reported: the best and median round's mean
+  latency, and each server's CPU time per request (Linux ``/proc``), the
+  figure least disturbed by other load on the machine.
 - ``handover``: two uvicorn nodes on a ``LocalElectionDriver`` directory;
   SIGTERM of the leader (``leaderwatch.uvicorn.serve``), time until the
   successor answers 200, against the driver's own hand-over (in-process
@@ -19,6 +23,7 @@ Usage::
     python benchmarks/http.py            # full run, about a minute on 2 cores
     python benchmarks/http.py --quick    # smoke run, a few seconds
     python benchmarks/http.py --json     # JSON on stdout (or --json PATH)
+    python benchmarks/http.py --only inprocess --only handover
 """
 
 from __future__ import annotations
@@ -301,19 +306,29 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+LOOPBACK_SERVERS = ("plain", "runner", "leader")
+"""plain: uvicorn.run(app); runner: leaderwatch.uvicorn.serve(app) with a node; leader: the
+same with the middleware (a StaticDriver leader)."""
+
+
+def overhead_pct(value: float, base: float) -> float:
+    return (value - base) / base * 100
+
+
 def loopback(requests: int, connections: int, rounds: int) -> dict[str, Any]:
     """Wall-clock latency (best and median round) and server CPU time per request."""
-    plain_port, leader_port = free_port(), free_port()
-    runs: dict[str, list[dict[str, float]]] = {"plain": [], "leader": []}
-    with server("plain", plain_port) as plain, server("leader", leader_port) as leader:
-        processes = {"plain": (plain, plain_port), "leader": (leader, leader_port)}
-        for _process, port in processes.values():
+    ports = {name: free_port() for name in LOOPBACK_SERVERS}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in LOOPBACK_SERVERS}
+    with contextlib.ExitStack() as stack:
+        processes = {name: stack.enter_context(server(name, ports[name])) for name in ports}
+        for port in ports.values():
             asyncio.run(keep_alive_load(port, 1_000, connections))  # warm-up
         for _ in range(rounds):
-            for name, (process, port) in processes.items():
-                before = cpu_seconds(process.pid)
+            for name, port in ports.items():
+                pid = processes[name].pid
+                before = cpu_seconds(pid)
                 run = asyncio.run(keep_alive_load(port, requests, connections))
-                after = cpu_seconds(process.pid)
+                after = cpu_seconds(pid)
                 if before is not None and after is not None:
                     run["server_cpu_us"] = (after - before) / requests * 1e6
                 runs[name].append(run)
@@ -332,15 +347,24 @@ def loopback(requests: int, connections: int, rounds: int) -> dict[str, Any]:
         if cpu:
             row["server_cpu_us"] = statistics.median(cpu)
         summary[name] = row
-    plain_row, leader_row = summary["plain"], summary["leader"]
-    summary["overhead_pct"] = (
-        (leader_row["best_mean_us"] - plain_row["best_mean_us"]) / plain_row["best_mean_us"] * 100
+    if all("server_cpu_us" in run for results in runs.values() for run in results):
+        # Per-round differences: both servers of a round saw the same machine load.
+        for name, base in (("leader_vs_plain", "plain"), ("leader_vs_runner", "runner")):
+            summary[f"{name}_cpu_diff_us"] = statistics.median(
+                leader_run["server_cpu_us"] - base_run["server_cpu_us"]
+                for leader_run, base_run in zip(runs["leader"], runs[base], strict=True)
+            )
+    plain, runner, leader = summary["plain"], summary["runner"], summary["leader"]
+    summary["overhead_pct"] = overhead_pct(leader["best_mean_us"], plain["best_mean_us"])
+    summary["middleware_overhead_pct"] = overhead_pct(
+        leader["best_mean_us"], runner["best_mean_us"]
     )
-    if "server_cpu_us" in plain_row and "server_cpu_us" in leader_row:
-        summary["server_cpu_overhead_pct"] = (
-            (leader_row["server_cpu_us"] - plain_row["server_cpu_us"])
-            / plain_row["server_cpu_us"]
-            * 100
+    if all("server_cpu_us" in row for row in (plain, runner, leader)):
+        summary["server_cpu_overhead_pct"] = overhead_pct(
+            leader["server_cpu_us"], plain["server_cpu_us"]
+        )
+        summary["middleware_server_cpu_overhead_pct"] = overhead_pct(
+            leader["server_cpu_us"], runner["server_cpu_us"]
         )
     return summary
 
@@ -440,6 +464,10 @@ def run_server(mode: str, port: int) -> None:
     if mode == "plain":
         uvicorn.run(hello, **options)
         return
+    if mode == "runner":  # the runner and a node, without the middleware
+        node = LeaderNode(StaticDriver(epoch=1))
+        leaderwatch.uvicorn.serve(hello, node=node, **options)
+        return
     if mode == "leader":
         node = LeaderNode(StaticDriver(epoch=1))
     else:
@@ -483,7 +511,7 @@ def print_table(result: dict[str, Any], out: Any) -> None:
             file=out,
         )
         line("server", "best mean µs", "median mean µs", "best req/s", "server CPU µs")
-        for name in ("plain", "leader"):
+        for name in LOOPBACK_SERVERS:
             row = loop[name]
             line(
                 name,
@@ -493,12 +521,26 @@ def print_table(result: dict[str, Any], out: Any) -> None:
                 f"{row.get('server_cpu_us', math.nan):.1f}",
             )
         line(
-            "overhead",
+            "leader vs plain",
             f"{loop['overhead_pct']:+.2f} %",
             "",
             "",
             f"{loop.get('server_cpu_overhead_pct', math.nan):+.2f} %",
         )
+        line(
+            "leader vs runner",
+            f"{loop['middleware_overhead_pct']:+.2f} %",
+            "",
+            "",
+            f"{loop.get('middleware_server_cpu_overhead_pct', math.nan):+.2f} %",
+        )
+        if "leader_vs_plain_cpu_diff_us" in loop:
+            print(
+                "median per-round server CPU difference: leader - plain "
+                f"{loop['leader_vs_plain_cpu_diff_us']:+.1f} µs, leader - runner "
+                f"{loop['leader_vs_runner_cpu_diff_us']:+.1f} µs per request",
+                file=out,
+            )
     if "handover" in result:
         hand = result["handover"]
         print(
@@ -531,7 +573,10 @@ def main() -> None:
         help="parts to run",
     )
     parser.add_argument("--poll", type=float, default=0.05, help="local driver poll interval (s)")
-    parser.add_argument("--serve", choices=("plain", "leader", "node"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, help="loopback and hand-over rounds")
+    parser.add_argument(
+        "--serve", choices=("plain", "runner", "leader", "node"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -552,10 +597,12 @@ def main() -> None:
         )
     if "loopback" in parts:
         result["loopback"] = loopback(
-            requests=1_000 if quick else 10_000, connections=8, rounds=1 if quick else 9
+            requests=1_000 if quick else 10_000,
+            connections=8,
+            rounds=args.rounds or (1 if quick else 9),
         )
     if "handover" in parts:
-        result["handover"] = handover(rounds=1 if quick else 5, poll=args.poll)
+        result["handover"] = handover(rounds=args.rounds or (1 if quick else 5), poll=args.poll)
     if args.json is None:
         print_table(result, sys.stdout)
     else:

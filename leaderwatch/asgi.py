@@ -188,7 +188,8 @@ class LeaderRedirectMiddleware:
             cancelled = False
             try:
                 epoch = ticket.epoch
-                header = self._header_for(epoch)
+                cached = self._epoch_header
+                header = cached[1] if cached[0] == epoch else self._header_for(epoch)
 
                 async def send_with_epoch(message: Message) -> None:
                     nonlocal started

@@ -30,6 +30,7 @@ import anyio.lowlevel
 from anyio.abc import TaskStatus
 from pydantic import BaseModel, ConfigDict
 
+from leaderwatch import _registry
 from leaderwatch._backoff import Backoff
 from leaderwatch._log import get_logger
 from leaderwatch._value import FrozenValue
@@ -57,6 +58,7 @@ from leaderwatch.state import (
 )
 
 __all__ = [
+    "ADMISSION_REFUSAL_REASONS",
     "EVENT_NAMES",
     "InvalidNodeConfig",
     "LeaderNode",
@@ -83,6 +85,23 @@ EVENT_NAMES: Final = (
     "leader_job_cancelled",
 )
 """Every log event this module emits (stable names)."""
+
+ADMISSION_REFUSAL_REASONS: Final = (
+    "leader_elsewhere",
+    "no_leader",
+    "fencing",
+    "lease_expired",
+    "stepping_down",
+)
+"""Why a :class:`LeaderNode` refused an admission (keys of :attr:`LeaderNodeStats.refused`).
+
+``leader_elsewhere``: another node leads (a :class:`~leaderwatch.redirect.Redirect`,
+HTTP 307). The others are :class:`~leaderwatch.hint.NoLeaderYet` (HTTP 503):
+``no_leader`` (no leader known, or none this node can name), ``fencing`` (this
+node leads but its ``on_leader`` has not completed), ``lease_expired`` (the
+gate is open but the driver's lease proof ran out), ``stepping_down`` (the
+node is handing over, failed or stopped).
+"""
 
 _INF: Final = math.inf
 _NOT_SERVING: Final = NotServing()
@@ -152,6 +171,8 @@ class LeaderNodeStats(BaseModel):
     """Leader-only job runs started (restarts included)."""
     job_failures: int
     """Leader-only job runs that raised."""
+    refused: dict[str, int] = {}
+    """Admissions refused, by reason (see :data:`ADMISSION_REFUSAL_REASONS`)."""
 
 
 class NodeStatus(FrozenValue):
@@ -180,12 +201,18 @@ class _Ticket:
 
     __slots__ = ("baseline", "cancel_requested", "epoch", "scope", "task")
 
-    def __init__(self, epoch: int) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        task: asyncio.Task[Any] | None,
+        baseline: int,
+        scope: anyio.CancelScope | None,
+    ) -> None:
         self.epoch = epoch
+        self.task = task
+        self.baseline = baseline
+        self.scope = scope
         self.cancel_requested = False
-        self.scope: anyio.CancelScope | None = None
-        self.task: asyncio.Task[Any] | None = None
-        self.baseline = 0
 
     def cancel(self) -> bool:
         """Ask the work to stop; whether this call asked (first time only)."""
@@ -353,10 +380,13 @@ class LeaderNode:
         self._job_backoff = _DEFAULT_JOB_BACKOFF if job_backoff is None else job_backoff
         self._exit_on_failure = bool(exit_on_failure)
         self._leadership = driver.leadership()
+        node_id = getattr(driver, "node_id", None)
+        node_id = node_id if isinstance(node_id, str) else None
         self._task = LeaderWatchTask(
             self._leadership,
             BaseLeadershipHandler() if handler is None else handler,
             retry_backoff=retry_backoff,
+            node_id=node_id,
         )
         self._phase: str = _IDLE
         self._admitting = False
@@ -384,6 +414,8 @@ class LeaderNode:
         self._last_drain: float | None = None
         self._job_starts = 0
         self._job_failures = 0
+        self._refused: dict[str, int] = {}
+        _registry.track("node", self, "node" if node_id is None else node_id)
 
     # -- what the node knows ---------------------------------------------------------
 
@@ -481,6 +513,7 @@ class LeaderNode:
             last_drain_s=self._last_drain,
             job_starts=self._job_starts,
             job_failures=self._job_failures,
+            refused=dict(self._refused),
         )
 
     def _proven(self) -> bool:
@@ -519,16 +552,15 @@ class LeaderNode:
             self._lease_expired += 1
             return None
         epoch = gate.epoch
-        ticket = _Ticket(epoch)
         if self._native:
             task = asyncio.current_task()
             if task is None:
                 raise RuntimeError("admit() must run inside a task of the node's event loop")
-            ticket.task = task
-            ticket.baseline = task.cancelling()
+            ticket = _Ticket(epoch, task, task.cancelling(), None)
         else:
-            scope = ticket.scope = self._new_scope()
+            scope = self._new_scope()
             scope.__enter__()
+            ticket = _Ticket(epoch, None, 0, scope)
         self._in_flight.add(ticket)
         admitted = self._admitted
         admitted[epoch] = admitted.get(epoch, 0) + 1
@@ -543,6 +575,9 @@ class LeaderNode:
     def _refusal(self, *, count: bool = True) -> Redirect | NoLeaderYet:
         """The decision to send instead of serving (counted as a refusal unless ``count``)."""
         decision = self.decide()
+        if count:
+            reason = self._refusal_reason(decision)
+            self._refused[reason] = self._refused.get(reason, 0) + 1
         if isinstance(decision, Redirect):
             self._redirected += count
             return decision
@@ -551,6 +586,18 @@ class LeaderNode:
             # Only reachable if the gate opened since the admission check: still refuse.
             return NoLeaderYet(leader_epoch=decision.epoch)
         return decision
+
+    def _refusal_reason(self, decision: Serve | Redirect | NoLeaderYet) -> str:
+        """Which of :data:`ADMISSION_REFUSAL_REASONS` refuses with ``decision`` now."""
+        if isinstance(decision, Redirect):
+            return "leader_elsewhere"
+        if isinstance(decision, Serve):
+            return "fencing"  # the gate opened since the admission check
+        if type(self._task.current_gate) is Serving:
+            return "lease_expired" if self._admitting else "stepping_down"
+        if type(self._leadership.borrow()) is Leader:
+            return "fencing" if self._admitting else "stepping_down"
+        return "no_leader"
 
     def _cancel_work(self, epoch: int | None, reason: str) -> None:
         """Cancel admitted work (of ``epoch``, or all of it)."""

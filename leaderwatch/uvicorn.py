@@ -17,7 +17,7 @@ import asyncio
 import signal
 import socket
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 try:
     import uvicorn
@@ -39,7 +39,7 @@ __all__ = ["EVENT_NAMES", "UnsupportedServerOption", "serve", "serve_async"]
 
 _log = get_logger("leaderwatch.uvicorn")
 
-EVENT_NAMES = ("leader_server_signal", "leader_server_node_failed")
+EVENT_NAMES: Final = ("leader_server_signal", "leader_server_node_failed")
 """Every log event this module emits (stable names)."""
 
 

@@ -41,6 +41,7 @@ from leaderwatch.hint import (
     MalformedHint,
     hint_from_wire,
     parse_epoch_decimal,
+    parse_hint_binary,
     parse_hint_headers,
     parse_hint_json,
 )
@@ -292,6 +293,39 @@ WIRE_BYTES = st.one_of(
     ),
 )
 
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn, valid: st.SearchStrategy[bytes]) -> bytes:
+    """A valid encoding with a few byte insertions, deletions, flips and repetitions."""
+    data = draw(valid)
+    for _ in range(draw(st.integers(1, 4))):
+        position = draw(st.integers(0, len(data)))
+        match draw(st.sampled_from(["insert", "delete", "flip", "repeat"])):
+            case "insert":
+                data = data[:position] + draw(st.binary(min_size=1, max_size=4)) + data[position:]
+            case "delete":
+                data = data[:position] + data[position + draw(st.integers(1, 4)) :]
+            case "flip" if position < len(data):
+                flipped = data[position] ^ draw(st.integers(1, 255))
+                data = data[:position] + bytes([flipped]) + data[position + 1 :]
+            case _:
+                data = data[:position] + data[position:] * draw(st.integers(2, 3))
+    return data[:MAX_INPUT]
+
+
+BINARY_HINTS = st.one_of(
+    WIRE_BYTES,
+    HINTS.map(lambda hint: hint.to_binary()),
+    mutated_bytes(HINTS.map(lambda hint: hint.to_binary())),
+    # Deep groups, long varints and huge declared lengths, up to 1 MB.
+    st.builds(
+        lambda piece, count: (piece * count)[:MAX_INPUT],
+        st.sampled_from([b"\x3b", b"\x3b\x08\x01", b"\xff", b"\x80", b"\x12\x7f", b"\x0a\x00"]),
+        st.integers(1, MAX_INPUT),
+    ),
+)
+
+
 HUGE_INTS = st.integers(0, 8 * MAX_INPUT).map(lambda bits: 1 << bits)
 INTEGERS = st.one_of(
     SMALL_INTS,
@@ -398,6 +432,12 @@ def check_hint(args: tuple[Any, ...], result: object) -> None:
             raise AssertionError(f"not a hint: {result!r}")
 
 
+def check_binary_hint(args: tuple[Any, ...], result: object) -> None:
+    check_hint(args, result)
+    if isinstance(result, LeaderHint):
+        assert parse_hint_binary(result.to_binary()) == result
+
+
 def check_epoch_decimal(args: tuple[Any, ...], result: object) -> None:
     if isinstance(result, int):
         assert 0 <= result < EPOCH_LIMIT
@@ -445,6 +485,7 @@ def cache_after_offer(endpoint: object, epoch: object) -> tuple[bool, CachedLead
 WIRE_HINTS = st.one_of(
     st.tuples(st.just("json"), st.one_of(WIRE_TEXT, WIRE_BYTES)),
     st.tuples(st.just("headers"), HEADER_CONTAINERS),
+    st.tuples(st.just("binary"), BINARY_HINTS),
     st.tuples(st.just("fields"), st.tuples(ENDPOINT_TEXT | ANY_VALUE, EPOCH_TEXT | ANY_VALUE)),
     st.tuples(st.just("valid"), HINTS),
     st.just(("none", None)),
@@ -461,6 +502,8 @@ def classify_wire_hints(tls_required: bool, wires: list[tuple[str, Any]]) -> lis
                 hint = parse_hint_json(wire)
             case "headers":
                 hint = parse_hint_headers(wire)
+            case "binary":
+                hint = parse_hint_binary(wire)
             case "fields":
                 hint = hint_from_wire(*wire)
             case "valid":
@@ -527,6 +570,12 @@ TARGETS = [
         check_hint,
     ),
     Target("parse_hint_headers", st.tuples(HEADER_CONTAINERS), parse_hint_headers, check_hint),
+    Target(
+        "parse_hint_binary",
+        st.tuples(st.one_of(BINARY_HINTS, ANY_VALUE)),
+        parse_hint_binary,
+        check_binary_hint,
+    ),
     Target(
         "parse_epoch_decimal",
         st.tuples(EPOCH_TEXT | ANY_VALUE),

@@ -216,7 +216,7 @@ def test_sigterm_lets_admitted_work_finish_on_the_old_leader_and_never_overlaps(
     leader, follower = leader_and_follower(cluster)
     slow: list[httpx.Response] = []
     request = threading.Thread(
-        target=lambda: slow.append(httpx.get(leader.url("/slow?ms=600"), timeout=10)),
+        target=lambda: slow.append(httpx.get(leader.url("/slow?ms=1500"), timeout=10)),
         daemon=True,
     )
     request.start()
@@ -226,9 +226,11 @@ def test_sigterm_lets_admitted_work_finish_on_the_old_leader_and_never_overlaps(
         "the slow request to be admitted",
     )
     leader.process.send_signal(signal.SIGTERM)
-    # While it drains, the old leader refuses new work (503 first, then a redirect).
+    # Once the signal is handled, the old leader refuses new work while it drains.
+    poll(lambda: status(leader).json()["gate"] == "not_serving", 10, "the gate to close")
     refused = httpx.get(leader.url("/whoami"), timeout=5)
     assert refused.status_code in (503, 307)
+    assert slow == []  # the admitted request is still running
     poll(lambda: serves(follower), 15, "the successor to serve", interval=0.002)
     request.join(10)
     assert slow
