@@ -113,6 +113,7 @@ class TextView(View):
             self._draw_footer()
 
     def close(self) -> None:
+        self._progress = False
         self._clear_footer()
         self._out.flush()
 
