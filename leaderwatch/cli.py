@@ -4,7 +4,8 @@ Data goes to stdout, logs and errors to stderr; an error is one line and a
 non-zero exit status, never a traceback. Exit statuses: 0 success, 1 the
 election or a service could not be used, 2 bad usage (option, URL,
 endpoint), 3 no leader known (``observe --once``, ``status``), 130
-interrupted before it could stop cleanly.
+interrupted before it could stop cleanly (``demo``: interrupted by Ctrl-C,
+after stopping its nodes; 143 after SIGTERM).
 """
 
 from __future__ import annotations

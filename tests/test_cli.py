@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,3 +350,33 @@ def test_a_node_dying_unexpectedly_fails_the_demo_in_one_line_and_cleans_up() ->
     assert events[-1]["exit_code"] == 1
     assert events[-1]["processes_left"] == 0
     assert_nothing_left(events[0]["directory"], started_pids(events))
+
+
+def test_nodes_stop_by_themselves_when_the_demo_is_killed_outright() -> None:
+    process = subprocess.Popen(
+        [*LEADERWATCH, "demo", "--json", "--rounds", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    events: list[dict[str, Any]] = []
+    try:
+        assert process.stdout is not None
+        while not any(event["event"] == "request" for event in events):
+            line = process.stdout.readline()
+            assert line, f"the demo ended early: {process.wait()}"
+            events.append(json.loads(line))
+        process.kill()  # no chance to clean up: only the nodes' own watch is left
+        process.wait(timeout=STOP_DEADLINE)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    directory = events[0]["directory"]
+    try:
+        deadline = time.monotonic() + STOP_DEADLINE
+        while processes_mentioning(directory) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_mentioning(directory) == []
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
