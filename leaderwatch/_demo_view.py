@@ -176,17 +176,18 @@ class TextView(View):
         if not folded:
             return
         node, epoch = folded[0]["node"], folded[0]["epoch"]
-        routes = [[hop["result"] for hop in item["route"]] for item in folded]
-        direct = sum(route == ["served"] for route in routes)
-        redirected = sum("redirect" in route for route in routes)
-        refused = sum("refused" in route for route in routes)
+        # Where each request entered: at the leader, at a follower, at a node that was down.
+        entries = [item["route"][0]["result"] for item in folded]
+        direct = entries.count("served")
+        redirected = entries.count("redirect")
+        refused = entries.count("refused")
         median = statistics.median(item["ms"] for item in folded)
         first, last = folded[0]["ticket"], folded[-1]["ticket"]
         tickets = f"ticket {first}" if first == last else f"tickets {first}-{last}"
         count = f"{len(folded)} more request" + ("s" if len(folded) > 1 else "")
-        ways = f"{direct} direct, {redirected} after a 307"
+        ways = f"{direct} direct, {redirected} via a 307"
         if refused:
-            ways += f", {refused} after a refused connection"
+            ways += f", {refused} first refused by a stopped node"
         text = (
             f"        ... {count} served by {node} at epoch {epoch} ({ways}), {tickets}, "
             f"median {median:.1f} ms"
