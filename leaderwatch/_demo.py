@@ -402,6 +402,9 @@ class _Demo:
             str(node.port),
             "--name",
             node.name,
+            # Named now: a node still starting when the demo dies would see its new parent.
+            "--parent",
+            str(os.getpid()),
             "--log-level",
             options.log_level,
             "--log-format",

@@ -1,6 +1,6 @@
 """One node process of ``leaderwatch demo``: a fenced ticket desk behind the redirect middleware.
 
-``python -m leaderwatch._demo_node --directory D --port P [--name NAME]``
+``python -m leaderwatch._demo_node --directory D --port P [--name NAME] [--parent PID]``
 runs a :class:`~leaderwatch.node.LeaderNode` on :class:`LocalElectionDriver`
 in ``D`` and serves, through :func:`leaderwatch.uvicorn.serve` (hand-over
 starts at the first SIGTERM/SIGINT), a pure ASGI app:
@@ -106,10 +106,13 @@ class TicketDesk(BaseLeadershipHandler):
         return {**entry, "repeated": False}
 
 
-def build_app(node: LeaderNode, desk: TicketDesk) -> ASGIApp:
-    """The node's ASGI app: tickets on the leader, redirects elsewhere, status everywhere."""
+def build_app(node: LeaderNode, desk: TicketDesk, parent: int) -> ASGIApp:
+    """The node's ASGI app: tickets on the leader, redirects elsewhere, status everywhere.
+
+    While it runs, the process stops itself (SIGTERM) once ``parent`` is no
+    longer its parent process.
+    """
     status = leader_status_app(node)
-    parent = os.getppid()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -171,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--directory", required=True, help="election directory")
     parser.add_argument("--port", type=int, required=True, help="loopback port to serve on")
     parser.add_argument("--name", help="node name in the ledger [default: the endpoint]")
+    parser.add_argument(
+        "--parent", type=int, help="stop when this process dies [default: the parent now]"
+    )
     parser.add_argument("--log-level", default="error", help="leaderwatch log level")
     parser.add_argument("--log-format", choices=("console", "json"), default="console")
     args = parser.parse_args(argv)
@@ -187,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = LeaderNode(driver, handler=desk, drain_timeout=_DRAIN_TIMEOUT)
     try:
         leaderwatch.uvicorn.serve(
-            build_app(node, desk),
+            build_app(node, desk, args.parent or os.getppid()),
             node=node,
             host=_HOST,
             port=args.port,
