@@ -382,4 +382,6 @@ def test_nodes_stop_by_themselves_when_the_demo_is_killed_outright(kill_after: s
             time.sleep(0.05)
         assert processes_mentioning(directory) == []
     finally:
+        for pid, _ in processes_mentioning(directory):  # only if the test failed
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(directory, ignore_errors=True)
