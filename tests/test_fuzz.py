@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leaderwatch.client import CachedLeader, Follow, LeaderCache, NoLeaderYet, Rejected, Stale
+from leaderwatch.drivers.etcd._observer import endpoint_from_value
 from leaderwatch.hint import (
     ENDPOINT_HEADER,
     EPOCH_HEADER,
@@ -378,6 +379,12 @@ def check_endpoint(args: tuple[Any, ...], result: object) -> None:
     assert same_endpoint(result, result)
 
 
+def check_etcd_value(args: tuple[Any, ...], result: object) -> None:
+    assert isinstance(result, str)
+    assert result == parse_endpoint(args[0].decode("utf-8"))
+    check_endpoint((result,), result)
+
+
 def check_same_endpoint(args: tuple[Any, ...], result: object) -> None:
     assert isinstance(result, bool)
     assert same_endpoint(args[1], args[0]) is result
@@ -511,6 +518,13 @@ TARGETS = [
         st.tuples(ENDPOINT_TEXT | ANY_VALUE),
         parse_endpoint,
         check_endpoint,
+        (InvalidEndpoint,),
+    ),
+    Target(
+        "etcd leader key value",
+        st.tuples(WIRE_BYTES | ENDPOINT_TEXT.map(lambda text: encoded(text, "utf-8"))),
+        endpoint_from_value,
+        check_etcd_value,
         (InvalidEndpoint,),
     ),
     Target(

@@ -31,7 +31,8 @@ class Lease:
     - :meth:`keep_alive` renews every ``renew_interval`` (``renew_retry``
       after a failure) and returns the moment :attr:`proven_until` passes or
       etcd reports the lease gone.
-    - :meth:`revoke` runs at most once, shielded, within ``resign_wait``.
+    - Each :meth:`revoke` attempt is shielded and bounded by ``resign_wait``;
+      once etcd confirmed the lease gone, further attempts do nothing.
     """
 
     __slots__ = (
@@ -39,6 +40,7 @@ class Lease:
         "_last_acked_send",
         "_node_id",
         "_proven_until",
+        "_revoke_attempts",
         "_revoked",
         "_timing",
         "id",
@@ -61,6 +63,7 @@ class Lease:
         self._proven_until = proven_until
         self._node_id = node_id
         self._revoked = False
+        self._revoke_attempts = 0
 
     @classmethod
     async def grant(cls, client: EtcdClient, timing: LeaseTiming, *, node_id: str) -> Lease:
@@ -135,23 +138,46 @@ class Lease:
                 continue
             return "lease_unproven"
 
-    async def revoke(self) -> None:
-        """Best effort, once, shielded, within ``resign_wait``: end the lease and its keys now."""
+    @property
+    def revoked(self) -> bool:
+        """Whether etcd confirmed that the lease is gone (revoked by this node, or already)."""
+        return self._revoked
+
+    async def revoke(self) -> bool:
+        """Best effort, shielded, within ``resign_wait``: end the lease and its keys now.
+
+        ``True`` once etcd confirmed the lease gone (then further calls do
+        nothing); ``False`` when etcd did not answer or refused, so the caller
+        may try again. The first failure is logged (``etcd_lease_revoke_failed``),
+        a success always (``etcd_lease_revoked``, with the number of attempts).
+        """
         if self._revoked:
-            return
-        self._revoked = True
+            return True
+        self._revoke_attempts += 1
         wait = self._timing.resign_wait
         error: str | None = f"no answer within {wait:g}s"  # unless etcd answers in time
+        existed = False
         with anyio.CancelScope(shield=True, deadline=anyio.current_time() + wait):
             try:
-                if not await self._client.revoke(self.id, within=wait):
-                    return  # etcd had already dropped it
+                existed = await self._client.revoke(self.id, within=wait)
                 error = None
             except CallFailed as failure:
                 error = str(failure)
         if error is not None:
-            _log.warning(
-                "etcd_lease_revoke_failed", node_id=self._node_id, lease_id=self.hex_id, error=error
+            if self._revoke_attempts == 1:
+                _log.warning(
+                    "etcd_lease_revoke_failed",
+                    node_id=self._node_id,
+                    lease_id=self.hex_id,
+                    error=error,
+                )
+            return False
+        self._revoked = True
+        if existed:
+            _log.info(
+                "etcd_lease_revoked",
+                node_id=self._node_id,
+                lease_id=self.hex_id,
+                attempts=self._revoke_attempts,
             )
-            return
-        _log.info("etcd_lease_revoked", node_id=self._node_id, lease_id=self.hex_id)
+        return True

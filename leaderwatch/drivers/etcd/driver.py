@@ -6,10 +6,11 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import sniffio
+from aetcd import rpc
 from anyio.abc import TaskGroup
 
 from leaderwatch._log import get_logger
@@ -17,9 +18,10 @@ from leaderwatch._value import FrozenValue
 from leaderwatch.drivers._base import DriverBase
 from leaderwatch.drivers._timing import LeaseTiming
 from leaderwatch.drivers.etcd._campaign import Campaign
-from leaderwatch.drivers.etcd._client import EtcdClient, parse_endpoints
+from leaderwatch.drivers.etcd._client import CallFailed, EtcdClient, parse_endpoints
 from leaderwatch.drivers.etcd._decision import decide, own_key_gone
-from leaderwatch.drivers.etcd._errors import EtcdElectionError
+from leaderwatch.drivers.etcd._errors import EtcdElectionError, EtcdUnavailable
+from leaderwatch.drivers.etcd._floor import RevisionFloor
 from leaderwatch.drivers.etcd._keys import ElectionKeys
 from leaderwatch.drivers.etcd._lease import Lease
 from leaderwatch.drivers.etcd._observer import LeaderObserver, LeaderRead
@@ -30,7 +32,7 @@ __all__ = ["EtcdElectionDriver"]
 _log = get_logger("leaderwatch.drivers.etcd")
 
 
-_EndReason = Literal["lease_expired", "lease_unproven", "campaign_key_deleted"]
+_EndReason = Literal["lease_expired", "lease_unproven", "campaign_key_deleted", "store_went_back"]
 
 
 class _SessionEnded(FrozenValue):
@@ -129,6 +131,7 @@ class EtcdElectionDriver(DriverBase):
         super().__init__(
             node_id if node_id is not None else (own or f"etcd-observer:{election}"),
             strict=strict,
+            self_endpoint=own,
         )
         self._election = election
         self._node_endpoint = own
@@ -148,7 +151,11 @@ class EtcdElectionDriver(DriverBase):
             username=username,
             password=password,
         )
-        self._observer = LeaderObserver(self._client, self._keys, timing, node_id=self.node_id)
+        self._floor = RevisionFloor(self._client, self._keys, timing, node_id=self.node_id)
+        self._observer = LeaderObserver(
+            self._client, self._keys, self._floor, timing, node_id=self.node_id
+        )
+        self._tasks: TaskGroup | None = None
         self._read: LeaderRead | None = None
         self._campaign: Campaign | None = None
         self._candidacy: anyio.CancelScope | None = None
@@ -209,11 +216,21 @@ class EtcdElectionDriver(DriverBase):
                 "EtcdElectionDriver runs on anyio's asyncio backend only (its gRPC client is "
                 "grpc.aio); run the application with backend='asyncio'"
             )
-        sent = anyio.current_time()
-        # The first value subscribers see is what etcd holds, not a placeholder.
-        self._note_read(self._observer.read_from(await self._client.connect(), sent))
-        task_group.start_soon(self._observer.run, self._note_read, self._let_campaign_react)
+        await self._client.connect()
+        try:
+            # The first value subscribers see is what etcd holds, not a placeholder.
+            self._note_read(await self._observer.read())
+        except CallFailed as failure:
+            raise EtcdUnavailable(
+                f"etcd at {failure.endpoint} answered, then failed to read election "
+                f"{self._election!r}: {failure.code}: {failure.details}; check its health"
+            ) from failure
+        self._tasks = task_group
+        task_group.start_soon(
+            self._observer.run, self._note_read, self._note_events, self._let_campaign_react
+        )
         task_group.start_soon(self._client.keep_contact, self._publish_state)
+        task_group.start_soon(self._floor.keep)
         if self._node_endpoint is not None:
             self._candidacy = anyio.CancelScope()
             self._candidacy_over = anyio.Event()
@@ -249,6 +266,7 @@ class EtcdElectionDriver(DriverBase):
             own_endpoint=self._node_endpoint,
             high_water=self._watch.high_water,
             high_water_at=self._high_water_at,
+            floor=self._client.history.floor,
         )
         if decision.reason == "epoch_behind":
             self._report_epoch_behind(read)
@@ -279,6 +297,19 @@ class EtcdElectionDriver(DriverBase):
             campaign.key_gone.set()
         self._publish_state()
 
+    def _note_events(self, events: list[Any]) -> None:
+        """Events of the watched leader key: step down at once when it is this node's, deleted.
+
+        The successor learns from the same event (the deletion of its
+        predecessor), so the old leader steps down without waiting for a read.
+        """
+        campaign = self._campaign
+        if campaign is None or campaign.won_at is None:
+            return
+        if any(event.type == rpc.Event.DELETE and event.kv.key == campaign.key for event in events):
+            campaign.key_gone.set()
+            self._publish_state()
+
     async def _let_campaign_react(self, changed_key: bytes) -> None:
         # When the leader key that changed is this node's predecessor, the
         # campaign decides first, so a hand-over is not slowed by the re-read.
@@ -306,7 +337,8 @@ class EtcdElectionDriver(DriverBase):
                     try:
                         self._log_abandoned(await self._hold_session(lease))
                     finally:
-                        await lease.revoke()
+                        if not await lease.revoke() and self._tasks is not None:
+                            self._tasks.start_soon(self._revoke_when_etcd_answers, lease)
                     if anyio.current_time() - started > self._timing.proof_window:
                         backoff.reset()
                     await backoff.wait()
@@ -341,6 +373,7 @@ class EtcdElectionDriver(DriverBase):
         async with anyio.create_task_group() as session:
             session.start_soon(report, lease.keep_alive)
             session.start_soon(report, partial(self._campaign_on, lease))
+            session.start_soon(report, self._until_below_floor)
             try:
                 await ended.wait()
             finally:
@@ -348,7 +381,43 @@ class EtcdElectionDriver(DriverBase):
                 await self._step_down()
         return endings[0]
 
-    async def _campaign_on(self, lease: Lease) -> Literal["campaign_key_deleted"]:
+    async def _until_below_floor(self) -> Literal["store_went_back"]:
+        """Return once this session's key is at or below the revision floor (etcd went back)."""
+        history = self._client.history
+        while True:
+            campaign = self._campaign
+            if campaign is not None and campaign.create_revision <= history.floor:
+                return "store_went_back"
+            await history.wait_changed()
+
+    async def _revoke_when_etcd_answers(self, lease: Lease) -> None:
+        """Retry revoking an abandoned lease whenever etcd answers again, for a bounded time.
+
+        Its key would otherwise lead, or stand in line, until etcd expires the
+        lease, ``ttl`` after etcd last heard of it, which may be after etcd
+        restarts (etcd renews every lease when it restarts). Gives up ``ttl``
+        after etcd first answered again, and when the driver exits.
+        """
+        backoff = self._timing.backoff()
+        await self._client.wait_answer(anyio.current_time())
+        with anyio.move_on_after(self._timing.ttl):
+            while True:
+                attempted = anyio.current_time()
+                if await lease.revoke():
+                    break
+                await backoff.wait()
+                await self._client.wait_answer(attempted)
+        if not lease.revoked:
+            _log.warning(
+                "etcd_lease_revoke_abandoned",
+                node_id=self.node_id,
+                lease_id=lease.hex_id,
+                reason=f"etcd answered but did not revoke it within ttl={self._timing.ttl}s",
+            )
+
+    async def _campaign_on(
+        self, lease: Lease
+    ) -> Literal["campaign_key_deleted", "store_went_back"]:
         """Campaign with this node's key on ``lease``; return once that key is gone."""
         assert self._node_endpoint is not None
         campaign = await Campaign.create(
@@ -356,9 +425,12 @@ class EtcdElectionDriver(DriverBase):
             self._keys,
             self._timing,
             lease,
+            floor=self._floor,
             endpoint=self._node_endpoint,
             node_id=self.node_id,
         )
+        if campaign is not None and campaign.create_revision <= self._client.history.floor:
+            return "store_went_back"  # an earlier attempt's key, created before the floor rose
         # Not campaigning any more: resign() stepped down while the key was being
         # created; the lease's revoke deletes it.
         if campaign is not None and self.campaigning:
