@@ -195,9 +195,10 @@ class EtcdClient:
       was *sent*.
     - With several endpoints, :meth:`keep_contact` leaves the one in use
       for the next that answers (each gets ``call_timeout``, in turn) as
-      soon as a request finds it unreachable (refused, reset, ``UNAVAILABLE``),
-      and also when it stayed silent for a proof window plus
-      ``call_timeout``; it keeps the current one when none answers. An
+      soon as a request finds it unreachable (refused, reset, ``UNAVAILABLE``)
+      or :meth:`leave_endpoint` asks, and also when it stayed silent for a
+      proof window plus ``call_timeout``; it keeps the current one when none
+      answers. An
       endpoint switched to counts as having answered.
     - ``etcd_unreachable`` is logged once per silence, naming the endpoint
       that went silent.
@@ -247,6 +248,7 @@ class EtcdClient:
         self._heard: anyio.Event | None = None
         self._answered: anyio.Event | None = None
         self._unreachable: anyio.Event | None = None
+        self._leave_reason = "unreachable"
         self.history = StoreHistory(node_id=node_id, settle=timing.ttl)
         """What etcd's replies tell of the store's history (has it gone back?)."""
 
@@ -368,6 +370,12 @@ class EtcdClient:
             now=anyio.current_time(),
         )
 
+    def leave_endpoint(self, reason: str) -> None:
+        """Have :meth:`keep_contact` try the other endpoints now (no-op with only one)."""
+        if self._unreachable is not None and len(self._endpoints) > 1:
+            self._leave_reason = reason
+            self._unreachable.set()
+
     async def wait_answer(self, sent_after: float) -> None:
         """Wait until etcd answered a request sent after ``sent_after``."""
         while self._last_answered_send <= sent_after:
@@ -391,7 +399,7 @@ class EtcdClient:
                 continue
             if self._unreachable.is_set():
                 self._unreachable = anyio.Event()
-                if await self._switch_endpoint("unreachable"):
+                if await self._switch_endpoint(self._leave_reason):
                     backoff.reset()
                 else:
                     await backoff.wait()
@@ -463,13 +471,8 @@ class EtcdClient:
             if isinstance(error, rpc.AioRpcError) and error.code() in _AUTH_CODES:
                 conn.token_stale = self._username is not None
             failure = _failure(conn.endpoint, error)
-            if (
-                failure.unreachable
-                and conn is self._conn
-                and self._unreachable is not None
-                and len(self._endpoints) > 1
-            ):
-                self._unreachable.set()
+            if failure.unreachable and conn is self._conn:
+                self.leave_endpoint("unreachable")
             raise failure from error
         self._note_answer(sent)
         return reply

@@ -6,6 +6,7 @@ The counterpart of ``session.go`` in etcd's Go ``client/v3/concurrency``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import anyio
@@ -30,7 +31,9 @@ class Lease:
       ``-math.inf`` when etcd reports the lease gone.
     - :meth:`keep_alive` renews every ``renew_interval`` (``renew_retry``
       after a failure) and returns the moment :attr:`proven_until` passes or
-      etcd reports the lease gone.
+      etcd reports the lease gone. A renewal that got no answer within its
+      deadline calls ``on_unanswered`` (the driver's chance to try another
+      endpoint while the proof still holds).
     - Each :meth:`revoke` attempt is shielded and bounded by ``resign_wait``;
       once etcd confirmed the lease gone, further attempts do nothing.
     """
@@ -39,6 +42,7 @@ class Lease:
         "_client",
         "_last_acked_send",
         "_node_id",
+        "_on_unanswered",
         "_proven_until",
         "_revoke_attempts",
         "_revoked",
@@ -55,8 +59,10 @@ class Lease:
         acked_send: float,
         proven_until: float,
         node_id: str,
+        on_unanswered: Callable[[], None] = lambda: None,
     ) -> None:
         self._client = client
+        self._on_unanswered = on_unanswered
         self._timing = timing
         self.id = lease_id
         self._last_acked_send = acked_send
@@ -66,7 +72,14 @@ class Lease:
         self._revoke_attempts = 0
 
     @classmethod
-    async def grant(cls, client: EtcdClient, timing: LeaseTiming, *, node_id: str) -> Lease:
+    async def grant(
+        cls,
+        client: EtcdClient,
+        timing: LeaseTiming,
+        *,
+        node_id: str,
+        on_unanswered: Callable[[], None] = lambda: None,
+    ) -> Lease:
         """Ask etcd for a lease of ``timing.ttl`` seconds until it grants one."""
         backoff = timing.backoff()
         while True:
@@ -91,6 +104,7 @@ class Lease:
                 acked_send=sent,
                 proven_until=timing.proven_until(sent, reply.TTL),
                 node_id=node_id,
+                on_unanswered=on_unanswered,
             )
 
     @property
@@ -125,6 +139,8 @@ class Lease:
                     ttl = await self._client.keep_alive_once(self.id)
                 except CallFailed as failure:
                     _log.debug("etcd_keepalive_failed", node_id=self._node_id, error=str(failure))
+                    if failure.code == "DEADLINE_EXCEEDED":
+                        self._on_unanswered()
                     next_send = max(anyio.current_time(), sent + timing.renew_retry)
                     continue
                 if ttl <= 0:

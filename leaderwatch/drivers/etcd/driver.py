@@ -332,7 +332,12 @@ class EtcdElectionDriver(DriverBase):
         try:
             with self._candidacy:
                 while self.campaigning:
-                    lease = await Lease.grant(self._client, self._timing, node_id=self.node_id)
+                    lease = await Lease.grant(
+                        self._client,
+                        self._timing,
+                        node_id=self.node_id,
+                        on_unanswered=self._renewal_unanswered,
+                    )
                     started = anyio.current_time()
                     try:
                         self._log_abandoned(await self._hold_session(lease))
@@ -380,6 +385,13 @@ class EtcdElectionDriver(DriverBase):
                 session.cancel_scope.cancel()
                 await self._step_down()
         return endings[0]
+
+    def _renewal_unanswered(self) -> None:
+        # A leader's lease is at stake: try another endpoint while the proof
+        # still holds, rather than after a proof window of silence.
+        campaign = self._campaign
+        if campaign is not None and campaign.won_at is not None:
+            self._client.leave_endpoint("renewal_unanswered")
 
     async def _until_below_floor(self) -> Literal["store_went_back"]:
         """Return once this session's key is at or below the revision floor (etcd went back)."""
