@@ -55,22 +55,36 @@ class EtcdElectionDriver(DriverBase):
 
     - Key layout of etcd's election recipe: a candidate writes
       ``<election>/<lease id, lowercase hex>`` holding ``node_endpoint``,
-      attached to its lease of ``ttl`` seconds; the key with the lowest
-      create revision leads, and ``Leader.epoch`` / ``Follower.leader_epoch``
-      is that key's create revision, so epochs strictly increase across
-      leaders. A waiting candidate watches only its predecessor key (the
-      one next in line also its own key, in the same watch); a candidate
-      whose key is gone never leads on it.
-      ``etcdctl elect`` candidates and observers interoperate.
+      attached to its lease of ``ttl`` seconds; the candidate key with the
+      lowest create revision leads, and ``Leader.epoch`` /
+      ``Follower.leader_epoch`` is that key's create revision, so epochs
+      strictly increase across leaders. Only keys of exactly that shape are
+      candidates: any other key under ``<election>/`` (a nested election
+      ``<election>/sub``, anything else) is ignored. A waiting candidate
+      watches only its predecessor key (the one next in line also its own
+      key, in the same watch); a candidate whose key is gone never leads on
+      it. ``etcdctl elect`` candidates and observers interoperate.
+    - One epoch never names two leaders, even across an etcd that went back
+      in time (data wiped, restored from an older snapshot, another cluster
+      behind the address): a reply at a revision below one already seen, or
+      from another cluster id, is logged once as ``etcd_store_went_back``
+      (error); the node then never leads nor follows a key created at or
+      below the highest revision it had seen (the *revision floor*, shared
+      through the key ``<election>.revision-floor``), moves etcd's revision
+      past that floor by rewriting that key, and campaigns only ``ttl``
+      after it saw the store go back (every lease of the old store ran out
+      by then), so the group elects a leader at a fresh, higher epoch.
     - Lease safety: ``Leader`` is published only while the lease is proven
       alive, i.e. until ``ttl - margin`` seconds after sending the last
       keep-alive etcd acknowledged (monotonic clock, measured from the
       send; :attr:`proven_until`). At that instant, if no newer keep-alive
       was acknowledged, the node publishes ``Unknown()``, abandons the lease
       and its key (a best-effort revoke), and campaigns again with a fresh
-      lease once etcd answers. A lease etcd reports expired, or a deleted
-      campaign key, ends the campaign the same way
-      (``etcd_campaign_abandoned`` with its ``reason``).
+      lease once etcd answers; a revoke that failed is retried as soon as
+      etcd answers again (for at most ``ttl``). A lease etcd reports
+      expired, or a deleted campaign key, ends the campaign the same way
+      (``etcd_campaign_abandoned`` with its ``reason``); the watch event of
+      the key's deletion steps the leader down before any re-read.
     - Non-leaders publish ``Follower(endpoint, epoch)`` for the current
       leader key, ``Follower(None, epoch)`` plus an error log
       (``etcd_leader_endpoint_invalid``) when its value is not a scheme-less
@@ -95,7 +109,10 @@ class EtcdElectionDriver(DriverBase):
 
     ``endpoints`` are scheme-less ``host:port`` strings (one string may hold
     several, comma-separated): they are tried in order at start-up and again,
-    in turn, whenever the one in use stops answering. TLS is used when
+    in turn, as soon as the one in use refuses or resets a request
+    (``UNAVAILABLE``), when a leader's keep-alive gets no answer in time,
+    and when it stays silent for ``ttl - margin``; the lease lives on the
+    cluster, so a leader keeps leading through another member. TLS is used when
     ``tls=True`` or any of ``ca_cert``, ``client_cert``, ``client_key`` is
     given; ``username`` and ``password`` use etcd's authentication.
     ``margin`` defaults to ``max(0.5, ttl / 5)`` seconds and must be in
