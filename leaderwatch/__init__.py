@@ -31,6 +31,7 @@ from leaderwatch.drivers import (
 )
 from leaderwatch.errors import LeaderwatchError
 from leaderwatch.hint import LeaderHint, NoLeaderYet
+from leaderwatch.node import LeaderNode, NotLeader
 from leaderwatch.redirect import Redirect, Serve, decide
 from leaderwatch.serving import (
     BaseLeadershipHandler,
@@ -78,6 +79,7 @@ __all__ = [
     "Leader",
     "LeaderCache",
     "LeaderHint",
+    "LeaderNode",
     "LeaderState",
     "LeaderWatch",
     "LeaderWatchTask",
@@ -88,6 +90,7 @@ __all__ = [
     "LocalElectionDriver",
     "ManualDriver",
     "NoLeaderYet",
+    "NotLeader",
     "NotServing",
     "Redirect",
     "RetryBackoff",

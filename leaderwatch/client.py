@@ -27,6 +27,7 @@ from typing import Final, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from leaderwatch import _registry
 from leaderwatch._backoff import Backoff
 from leaderwatch._log import get_logger
 from leaderwatch._value import FrozenValue
@@ -127,6 +128,10 @@ class LeaderCacheStats(BaseModel):
     """Wire hints whose ``https://`` (or, without TLS, ``http://``) prefix was removed."""
     failures: int = 0
     """Endpoint failures reported through :meth:`LeaderCache.record_failure`."""
+    moves: int = 0
+    """Times the cached leader changed: another endpoint or epoch, or one where none was fresh."""
+    gave_up: dict[str, int] = {}
+    """Logical requests given up, by reason (see :meth:`LeaderCache.record_give_up`)."""
 
 
 class _Entry(NamedTuple):
@@ -183,6 +188,7 @@ class LeaderCache:
     """
 
     __slots__ = (
+        "__weakref__",
         "_accepted",
         "_clock",
         "_configured",
@@ -193,7 +199,9 @@ class LeaderCache:
         "_failure_count",
         "_failures",
         "_floor",
+        "_gave_up",
         "_lock",
+        "_moves",
         "_offset",
         "_refused",
         "_rejected",
@@ -258,6 +266,9 @@ class LeaderCache:
         self._refused: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
         self._schemes_stripped = 0
+        self._moves = 0
+        self._gave_up: dict[str, int] = {}
+        _registry.track("client", self, ",".join(configured))
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -286,6 +297,8 @@ class LeaderCache:
                 rejected=dict(self._rejected),
                 schemes_stripped=self._schemes_stripped,
                 failures=self._failure_count,
+                moves=self._moves,
+                gave_up=dict(self._gave_up),
             )
 
     def _fresh_entry(self, now: float) -> _Entry | None:
@@ -366,6 +379,16 @@ class LeaderCache:
             was_cached_leader=was_leader,
         )
 
+    def record_give_up(self, reason: str) -> None:
+        """Count one logical request given up by a client using this cache (``stats.gave_up``).
+
+        ``reason`` is a stable name (:class:`~leaderwatch.retry.AttemptPlan`
+        reports ``deadline_exceeded``, ``max_redirects_exceeded`` or
+        ``outcome_unknown``); keep the set of names small, they become metric labels.
+        """
+        with self._lock:
+            self._gave_up[reason] = self._gave_up.get(reason, 0) + 1
+
     def _forget_quiet_failures(self, now: float) -> None:
         horizon = self._failure_backoff_max
         for endpoint in [e for e, f in self._failures.items() if now - f.until > horizon]:
@@ -382,6 +405,7 @@ class LeaderCache:
                     seated = self._entry = _Entry(endpoint, epoch, now)
                     self._floor = epoch
                     self._accepted += 1
+                    self._moves += 1
                     self._forgive(endpoint, epoch)
                     return seated
                 refusal = self._refusal(entry, endpoint, epoch, hint=hint)
@@ -392,6 +416,8 @@ class LeaderCache:
                     if epoch is not None and (self._floor is None or epoch > self._floor):
                         self._floor = epoch
                     self._accepted += 1
+                    if endpoint != entry.endpoint or epoch != entry.epoch:
+                        self._moves += 1
                     self._forgive(endpoint, epoch)
                     return seated
             self._refused[refusal] = self._refused.get(refusal, 0) + 1

@@ -366,6 +366,7 @@ class AttemptPlan:
     - Every attempt's ``timeout`` is ``attempt_timeout`` or what is left of
       the deadline after its delay, whichever is smaller; when nothing would
       be left, the plan gives up (``deadline_exceeded``).
+    - Giving up is reported to ``cache.record_give_up(reason)``.
 
     Not thread-safe: one request, one driver. The cache may be shared.
     """
@@ -598,6 +599,7 @@ class AttemptPlan:
     def _give_up(self, reason: GiveUpReason, why: str, now: float) -> GaveUp:
         records = self.attempts
         elapsed = now - self._started_at
+        self._cache.record_give_up(reason)
         lines = "; ".join(record.summary for record in records)
         message = (
             f"gave up after {len(records)} attempt(s) in {elapsed:.3f} s ({reason}): {why}. "

@@ -10,8 +10,10 @@ node still leads at that epoch.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,7 @@ import anyio
 import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from leaderwatch import _registry
 from leaderwatch._backoff import Backoff
 from leaderwatch._log import get_logger
 from leaderwatch._value import FrozenValue
@@ -30,6 +33,7 @@ from leaderwatch.state import Endpoint, Epoch, Follower, Leader, LeaderState
 
 __all__ = [
     "EVENT_NAMES",
+    "FENCE_LATENCY_BUCKETS",
     "BaseLeadershipHandler",
     "LeaderWatchTask",
     "LeaderWatchTaskStats",
@@ -55,6 +59,26 @@ EVENT_NAMES: Final = (
     "leadership_task_cancelled",
 )
 """Every log event this module emits (stable names)."""
+
+FENCE_LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""Upper bounds, in seconds, of the fence latency histogram in :class:`LeaderWatchTaskStats`."""
 
 
 class Serving(FrozenValue):
@@ -163,6 +187,17 @@ class LeaderWatchTaskStats(BaseModel):
     """Seconds from ``Leader`` observed to ``Serving`` published, last fence."""
     max_fence_latency: float | None
     """The largest fence latency seen."""
+    fence_latency_sum: float = 0.0
+    """Seconds of all completed fences added up (over ``fences_completed``: the mean)."""
+    fence_latency_buckets: tuple[int, ...] = ()
+    """Completed fences at most as slow as each bound of :data:`FENCE_LATENCY_BUCKETS`.
+
+    Cumulative, one count per bound (a Prometheus histogram's buckets; the
+    ``+Inf`` bucket is ``fences_completed``).
+    """
+
+
+_NOT_SERVING: Final = NotServing()
 
 
 def _closed_gate(state: LeaderState) -> NotServing:
@@ -285,10 +320,17 @@ class LeaderWatchTask:
       (:class:`LeadershipStreamClosed`) and cancellation all set the gate to
       ``NotServing()`` before they propagate out of :meth:`run`; no task is
       left running. The gate stays ``NotServing()`` afterwards.
+
+    ``node_id``, when given, names the node this task serves for in metrics
+    (:mod:`leaderwatch.prometheus`).
     """
 
     __slots__ = (
+        "__weakref__",
         "_clock",
+        "_closed_view",
+        "_fence_buckets",
+        "_fence_latency_sum",
         "_fences_completed",
         "_fences_superseded",
         "_gate",
@@ -296,6 +338,7 @@ class LeaderWatchTask:
         "_last_fence_latency",
         "_leadership",
         "_max_fence_latency",
+        "_node_id",
         "_retry",
         "_running",
         "_transitions",
@@ -308,6 +351,7 @@ class LeaderWatchTask:
         *,
         retry_backoff: RetryBackoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        node_id: str | None = None,
     ) -> None:
         if not isinstance(leadership, WatchReceiver):
             raise TypeError(
@@ -331,12 +375,23 @@ class LeaderWatchTask:
         )
         self._clock = clock
         self._gate: WatchSender[Serving | NotServing] = WatchSender(NotServing())
+        # current_gate's closed value for the leadership value it was built from (by identity).
+        self._closed_view: tuple[object, NotServing] = (None, _NOT_SERVING)
         self._running = False
         self._transitions = 0
         self._fences_completed = 0
         self._fences_superseded = 0
         self._last_fence_latency: float | None = None
         self._max_fence_latency: float | None = None
+        self._fence_latency_sum = 0.0
+        self._fence_buckets = [0] * len(FENCE_LATENCY_BUCKETS)
+        self._node_id = node_id
+        _registry.track("task", self, "task" if node_id is None else node_id)
+
+    @property
+    def node_id(self) -> str | None:
+        """The node this task serves for, if it was given (it names the task in metrics)."""
+        return self._node_id
 
     @property
     def serving(self) -> WatchReceiver[Serving | NotServing]:
@@ -356,10 +411,14 @@ class LeaderWatchTask:
         gate = self._gate.borrow()
         if isinstance(gate, Serving):
             if self._leadership.is_closed:
-                return NotServing()
+                return _NOT_SERVING
             leadership = self._leadership.borrow()
-            if leadership != Leader(epoch=gate.epoch):
-                return _closed_gate(leadership)
+            # Same test as ``leadership != Leader(epoch=gate.epoch)``, without building a value.
+            if type(leadership) is not Leader or leadership.epoch != gate.epoch:
+                closed = self._closed_view
+                if closed[0] is not leadership:
+                    closed = self._closed_view = (leadership, _closed_gate(leadership))
+                return closed[1]
         return gate
 
     @property
@@ -373,6 +432,8 @@ class LeaderWatchTask:
             failures=self._retry.failures,
             last_fence_latency=self._last_fence_latency,
             max_fence_latency=self._max_fence_latency,
+            fence_latency_sum=self._fence_latency_sum,
+            fence_latency_buckets=tuple(itertools.accumulate(self._fence_buckets)),
         )
 
     def _set_gate(self, value: Serving | NotServing) -> None:
@@ -478,6 +539,10 @@ class LeaderWatchTask:
         self._last_fence_latency = latency
         if self._max_fence_latency is None or latency > self._max_fence_latency:
             self._max_fence_latency = latency
+        self._fence_latency_sum += latency
+        bucket = bisect.bisect_left(FENCE_LATENCY_BUCKETS, latency)
+        if bucket < len(self._fence_buckets):
+            self._fence_buckets[bucket] += 1
         _log.info("leadership_fence_completed", epoch=epoch, latency_s=latency)
 
     def _fence_superseded(self, epoch: int) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict
 
+from leaderwatch import _registry
 from leaderwatch._log import get_logger
 from leaderwatch.channel import ChannelClosed, WatchReceiver, WatchSender
 from leaderwatch.errors import LeaderwatchError
@@ -140,6 +141,7 @@ class LeaderWatch:
     """
 
     __slots__ = (
+        "__weakref__",
         "_conflicts",
         "_delivered",
         "_epoch_leaders",
@@ -176,6 +178,7 @@ class LeaderWatch:
         self._suppressed = 0
         self._regressions = 0
         self._conflicts = 0
+        _registry.track("watch", self, node_id)
 
     @property
     def node_id(self) -> str:

@@ -326,7 +326,7 @@ async def test_nested_election_names_do_not_leak_into_each_other(
 ) -> None:
     nested = f"{election}/sub"
     # Keys under the prefix that are not <election>/<lease id in hex>: ignored.
-    junk = [f"{election}/not-a-lease", f"{election}/0ab", f"{election}/ABC"]
+    junk = [f"{election}/not-a-lease", f"{election}/0", f"{election}/ABC", f"{election}/1a/x"]
     for key in junk:
         await etcdctl(etcd, "put", key, "10.9.9.9:1")
     try:

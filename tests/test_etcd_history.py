@@ -154,12 +154,18 @@ async def test_waiting_for_a_change_wakes_on_the_next_reply() -> None:
 
 def test_only_keys_of_the_recipe_shape_are_candidates() -> None:
     keys = ElectionKeys("app")
-    for key in (b"app/1", b"app/694d8b0f1c2a3e4f", b"app/7fffffffffffffff", b"app/abc"):
+    for key in (
+        b"app/1",
+        b"app/694d8b0f1c2a3e4f",
+        b"app/7fffffffffffffff",
+        b"app/abc",
+        b"app/0694d8b0f1c2a3e4",  # etcdctl lease grant pads to 16 digits
+    ):
         assert keys.is_candidate(key), key
     for key in (
         b"app/",
-        b"app/0",
-        b"app/0abc",  # leading zero: not how etcd prints a lease id
+        b"app/0",  # not a lease id
+        b"app/0000000000000000",
         b"app/ABC",
         b"app/8000000000000000",  # not an int64 lease id
         b"app/12345678901234567",

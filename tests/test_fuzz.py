@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leaderwatch.client import CachedLeader, Follow, LeaderCache, NoLeaderYet, Rejected, Stale
+from leaderwatch.drivers import _local_store as local_store
 from leaderwatch.drivers.etcd._observer import endpoint_from_value
 from leaderwatch.hint import (
     ENDPOINT_HEADER,
@@ -42,6 +43,7 @@ from leaderwatch.hint import (
     MalformedHint,
     hint_from_wire,
     parse_epoch_decimal,
+    parse_hint_binary,
     parse_hint_headers,
     parse_hint_json,
 )
@@ -293,6 +295,39 @@ WIRE_BYTES = st.one_of(
     ),
 )
 
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn, valid: st.SearchStrategy[bytes]) -> bytes:
+    """A valid encoding with a few byte insertions, deletions, flips and repetitions."""
+    data = draw(valid)
+    for _ in range(draw(st.integers(1, 4))):
+        position = draw(st.integers(0, len(data)))
+        match draw(st.sampled_from(["insert", "delete", "flip", "repeat"])):
+            case "insert":
+                data = data[:position] + draw(st.binary(min_size=1, max_size=4)) + data[position:]
+            case "delete":
+                data = data[:position] + data[position + draw(st.integers(1, 4)) :]
+            case "flip" if position < len(data):
+                flipped = data[position] ^ draw(st.integers(1, 255))
+                data = data[:position] + bytes([flipped]) + data[position + 1 :]
+            case _:
+                data = data[:position] + data[position:] * draw(st.integers(2, 3))
+    return data[:MAX_INPUT]
+
+
+BINARY_HINTS = st.one_of(
+    WIRE_BYTES,
+    HINTS.map(lambda hint: hint.to_binary()),
+    mutated_bytes(HINTS.map(lambda hint: hint.to_binary())),
+    # Deep groups, long varints and huge declared lengths, up to 1 MB.
+    st.builds(
+        lambda piece, count: (piece * count)[:MAX_INPUT],
+        st.sampled_from([b"\x3b", b"\x3b\x08\x01", b"\xff", b"\x80", b"\x12\x7f", b"\x0a\x00"]),
+        st.integers(1, MAX_INPUT),
+    ),
+)
+
+
 HUGE_INTS = st.integers(0, 8 * MAX_INPUT).map(lambda bits: 1 << bits)
 INTEGERS = st.one_of(
     SMALL_INTS,
@@ -405,6 +440,12 @@ def check_hint(args: tuple[Any, ...], result: object) -> None:
             raise AssertionError(f"not a hint: {result!r}")
 
 
+def check_binary_hint(args: tuple[Any, ...], result: object) -> None:
+    check_hint(args, result)
+    if isinstance(result, LeaderHint):
+        assert parse_hint_binary(result.to_binary()) == result
+
+
 def check_epoch_decimal(args: tuple[Any, ...], result: object) -> None:
     if isinstance(result, int):
         assert 0 <= result < EPOCH_LIMIT
@@ -452,6 +493,7 @@ def cache_after_offer(endpoint: object, epoch: object) -> tuple[bool, CachedLead
 WIRE_HINTS = st.one_of(
     st.tuples(st.just("json"), st.one_of(WIRE_TEXT, WIRE_BYTES)),
     st.tuples(st.just("headers"), HEADER_CONTAINERS),
+    st.tuples(st.just("binary"), BINARY_HINTS),
     st.tuples(st.just("fields"), st.tuples(ENDPOINT_TEXT | ANY_VALUE, EPOCH_TEXT | ANY_VALUE)),
     st.tuples(st.just("valid"), HINTS),
     st.just(("none", None)),
@@ -468,6 +510,8 @@ def classify_wire_hints(tls_required: bool, wires: list[tuple[str, Any]]) -> lis
                 hint = parse_hint_json(wire)
             case "headers":
                 hint = parse_hint_headers(wire)
+            case "binary":
+                hint = parse_hint_binary(wire)
             case "fields":
                 hint = hint_from_wire(*wire)
             case "valid":
@@ -493,6 +537,51 @@ def check_outcomes(args: tuple[Any, ...], result: object) -> None:
                 pass
             case _:
                 raise AssertionError(f"not a hint outcome: {outcome!r}")
+
+
+LOCAL_RECORDS = st.one_of(
+    st.builds(
+        local_store.LocalLeaderRecord,
+        epoch=st.integers(0, EPOCH_LIMIT - 1),
+        leader_endpoint=st.sampled_from(["a:1", "[::1]:9000", "10.0.0.7:50551"]),
+        # A record this driver wrote holds valid text: lone surrogates cannot be written.
+        node_id=SMALL_TEXT.map(lambda text: text.encode("utf-8", "replace").decode("utf-8")),
+        pid=SMALL_INTS,
+    ),
+    st.builds(local_store.LocalEpochCounter, epoch=st.integers(0, EPOCH_LIMIT - 1)),
+)
+LOCAL_FILE_TEXT = st.one_of(
+    WIRE_TEXT,
+    mutated(LOCAL_RECORDS.map(lambda record: record.model_dump_json())),
+    HUGE_INT_TEXT.map(lambda digits: f'{{"epoch": {digits}}}'),
+    st.builds(
+        '{{"epoch": {}, "leader_endpoint": "a:1", "node_id": {}, "pid": 1}}'.format,
+        st.one_of(
+            st.integers(-(2**130), 2**130).map(str),
+            st.sampled_from([EPOCH_LIMIT - 1, EPOCH_LIMIT, -1, 0]).map(str),
+            HUGE_INT_TEXT,
+        ),
+        st.text(ANY_CHARS, max_size=8).map(json.dumps),
+    ),
+)
+LOCAL_FILES = st.one_of(
+    WIRE_BYTES, st.builds(encoded, LOCAL_FILE_TEXT, st.sampled_from(["utf-8", "utf-16"]))
+)
+
+
+def check_local_file(args: tuple[Any, ...], result: object) -> None:
+    match result:
+        case local_store.Corrupt(reason=reason):
+            assert isinstance(reason, str)
+            assert len(reason) <= MAX_MESSAGE
+        case local_store.LocalLeaderRecord() | local_store.LocalEpochCounter():
+            assert isinstance(result, args[1])
+            assert 0 <= result.epoch < EPOCH_LIMIT
+            assert local_store.parse(result.model_dump_json().encode(), args[1]) == result
+            if isinstance(result, local_store.LocalLeaderRecord):
+                parse_endpoint(result.leader_endpoint)
+        case _:
+            raise AssertionError(f"not a local election file: {result!r}")
 
 
 # --- the targets -------------------------------------------------------------------------------
@@ -541,6 +630,12 @@ TARGETS = [
         check_hint,
     ),
     Target("parse_hint_headers", st.tuples(HEADER_CONTAINERS), parse_hint_headers, check_hint),
+    Target(
+        "parse_hint_binary",
+        st.tuples(st.one_of(BINARY_HINTS, ANY_VALUE)),
+        parse_hint_binary,
+        check_binary_hint,
+    ),
     Target(
         "parse_epoch_decimal",
         st.tuples(EPOCH_TEXT | ANY_VALUE),
@@ -593,6 +688,15 @@ TARGETS = [
         epoch_from_wire,
         check_joined_epoch,
         (InvalidEpoch,),
+    ),
+    Target(
+        "local election files",
+        st.tuples(
+            LOCAL_FILES,
+            st.sampled_from([local_store.LocalLeaderRecord, local_store.LocalEpochCounter]),
+        ),
+        local_store.parse,
+        check_local_file,
     ),
 ]
 

@@ -17,6 +17,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+from leaderwatch import _registry
 from leaderwatch.channel import WatchReceiver
 from leaderwatch.state import Leader, LeaderState, Unknown
 from leaderwatch.watch import LeaderWatch, LeaderWatchStats
@@ -111,6 +112,7 @@ class DriverBase:
         self._entered = False
         self._leaving = False
         self._campaigning = True
+        _registry.track("driver", self, node_id)
 
     @property
     def node_id(self) -> str:
@@ -226,6 +228,7 @@ class DriverBase:
         if self._entered:
             raise RuntimeError(f"{type(self).__name__} can be entered only once")
         self._entered = True
+        _registry.note_event_loop_clock(self)
         lifecycle = self._running()
         await lifecycle.__aenter__()
         self._lifecycle = lifecycle

@@ -13,15 +13,17 @@ __all__ = ["PAGE", "ElectionKeys"]
 PAGE: Final = 16
 """Keys per range request when looking for candidates among other keys under the prefix."""
 
-_LEASE_ID: Final = re.compile(rb"[1-9a-f][0-9a-f]{0,15}\Z")
+_LEASE_ID: Final = re.compile(rb"[0-9a-f]{1,16}\Z")
 _MAX_LEASE_ID: Final = 2**63
 
 
 class ElectionKeys:
     """Where the candidates of one election live, and the queries that find them in line.
 
-    A candidate's key is exactly ``<election>/<lease id>``, the lease id in
-    lowercase hex without leading zeros, as etcd's recipe writes it; the order
+    A candidate's key is exactly ``<election>/<lease id>``, the lease id (a
+    positive 64-bit integer) in lowercase hex, as etcd's recipe writes it
+    (``etcdctl lease grant`` prints it zero-padded to 16 digits: also
+    accepted); the order
     of the line is the keys' create revision, lowest first. Every other key
     under the prefix (a nested election ``<election>/sub/...``, anything else)
     is not a candidate and is skipped.
@@ -56,7 +58,7 @@ class ElectionKeys:
         if not key.startswith(self.prefix):
             return False
         lease = key[len(self.prefix) :]
-        return _LEASE_ID.match(lease) is not None and int(lease, 16) < _MAX_LEASE_ID
+        return _LEASE_ID.match(lease) is not None and 0 < int(lease, 16) < _MAX_LEASE_ID
 
     def first_candidate(self, kvs: Iterable[Any]) -> Any | None:
         """The first key-value in ``kvs`` whose key is a candidate's, if any."""
