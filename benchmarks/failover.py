@@ -28,6 +28,14 @@ only needs :func:`measure_runner_group` with its node arguments.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this directory comes first on sys.path, and benchmarks/http.py
+# and benchmarks/grpc.py would shadow the ``http`` and ``grpc`` packages.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
 import argparse
 import json
 import os

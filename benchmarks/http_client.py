@@ -23,6 +23,14 @@ Usage::
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this directory comes first on sys.path, and benchmarks/http.py
+# and benchmarks/grpc.py would shadow the ``http`` and ``grpc`` packages.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    del sys.path[0]
+
 import argparse
 import json
 import os
