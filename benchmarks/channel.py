@@ -34,7 +34,6 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator

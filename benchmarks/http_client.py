@@ -38,7 +38,6 @@ import platform
 import socket
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
