@@ -13,6 +13,8 @@ to install one; tests turn that into a failure, never a skip.
         server.endpoint          # "127.0.0.1:PORT"
         server.etcdctl("get", "k")
         server.pause(); server.resume()   # SIGSTOP / SIGCONT the etcd process
+        server.restart()                  # stop and start again, same port and data
+        server.restart(wipe=True)         # ... with its data deleted: revisions start again at 1
 """
 
 from __future__ import annotations
@@ -192,6 +194,36 @@ class EtcdServer:
         sent = time.monotonic()
         self.process.send_signal(signal.SIGCONT)
         return sent
+
+    def restart(self, *, wipe: bool = False, kill: bool = False, timeout: float = 20.0) -> float:
+        """Stop etcd and start it again on the same ports; return when it was stopped.
+
+        ``wipe`` deletes its data directory first, so it comes back as a brand-new
+        store whose revisions start again at 1 (same name, ports and cluster
+        token, hence the same cluster id). ``kill`` stops it with SIGKILL
+        instead of SIGTERM. Returns ``time.monotonic()`` just before the stop.
+        """
+        stopped = time.monotonic()
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            self.process.wait(timeout)
+        self.stop()
+        if wipe:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.start(timeout)
+        return stopped
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start a stopped etcd again with the same arguments; wait until it is healthy."""
+        if self.process.poll() is None:
+            return
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self.wait_healthy(timeout)
+        _check_is_etcd(self)
 
     def stop(self, grace: float = 10.0) -> None:
         if self.process.poll() is not None:

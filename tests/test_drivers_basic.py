@@ -157,7 +157,8 @@ async def test_manual_exit_closes_the_channel_and_later_calls_fail() -> None:
 class TaskDriver(DriverBase):
     """Leads at epoch 1 with two background tasks: one sleeps, one fails when told to.
 
-    ``fail`` is ``"never"``, ``"on_trigger"`` (after :attr:`trigger` is set) or
+    ``fail`` is ``"never"``, ``"on_trigger"`` (after :attr:`trigger` is set),
+    ``"nested"`` (the same, from a task two task groups deeper) or
     ``"on_cancel"`` (when cancelled, as a failing cleanup would).
     """
 
@@ -179,6 +180,13 @@ class TaskDriver(DriverBase):
             self.sleeper_ended = True
 
     async def _failer(self) -> None:
+        if self.fail == "nested":
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(anyio.sleep_forever)
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(anyio.sleep_forever)
+                    await self.trigger.wait()
+                    raise ValueError("background")
         if self.fail == "on_trigger":
             await self.trigger.wait()
             raise ValueError("background")
@@ -228,9 +236,12 @@ async def test_body_error_propagates_unwrapped_through_a_driver_with_tasks() -> 
     await assert_stopped(driver)
 
 
+@pytest.mark.parametrize("fail", ["on_trigger", "nested"])
 @pytest.mark.anyio
-async def test_background_failure_alone_cancels_the_body_and_is_raised_as_itself() -> None:
-    driver = TaskDriver("on_trigger")
+async def test_background_failure_alone_cancels_the_body_and_is_raised_as_itself(
+    fail: str,
+) -> None:
+    driver = TaskDriver(fail)
     body_cancelled = False
 
     async def run() -> None:

@@ -54,6 +54,7 @@ def decision(**changes: Any) -> Decision:
         "own_endpoint": OWN,
         "high_water": 5,
         "high_water_at": NOW - 5,
+        "floor": 0,
     }
     inputs.update(changes)
     return decide(**inputs)
@@ -171,6 +172,54 @@ CASES: list[tuple[str, dict[str, Any], LeaderState, str]] = [
         "no_contact",
     ),
     ("no candidate", {"campaign": None, "read": read(None)}, Unknown(), "no_candidate"),
+    (
+        "leader above the revision floor",
+        {"floor": 4},
+        Leader(epoch=5),
+        "leading",
+    ),
+    (
+        "own key at the revision floor never leads (etcd went back)",
+        {"floor": 5},
+        Unknown(),
+        "own_key_unproven",
+    ),
+    (
+        "own key below the revision floor never leads, whatever its proof",
+        {"floor": 9, "proven_until": NOW + 100},
+        Unknown(),
+        "own_key_unproven",
+    ),
+    (
+        "own key known deleted: step down before any read shows it",
+        {"campaign": CampaignStanding(key=MINE, create_revision=5, won_at=10, key_gone=True)},
+        Unknown(),
+        "own_key_unproven",
+    ),
+    (
+        "a leader at the revision floor is not followed",
+        {"campaign": None, "read": read(THEIRS, 7, OTHER), "high_water": None, "floor": 7},
+        Unknown(),
+        "below_floor",
+    ),
+    (
+        "a leader below the floor but at the high-water mark is not followed",
+        {"campaign": WAITING, "read": read(THEIRS, 7, OTHER), "high_water": 7, "floor": 30},
+        Unknown(),
+        "below_floor",
+    ),
+    (
+        "a leader above the revision floor is followed",
+        {"campaign": None, "read": read(THEIRS, 8, OTHER), "high_water": None, "floor": 7},
+        Follower(leader_endpoint=OTHER, leader_epoch=8),
+        "following",
+    ),
+    (
+        "below the high-water mark and the floor: etcd went back, reported as such",
+        {"campaign": None, "read": read(THEIRS, 6, OTHER), "high_water": 7, "floor": 7},
+        Unknown(),
+        "epoch_behind",
+    ),
 ]
 
 
@@ -214,6 +263,8 @@ revisions = st.integers(min_value=1, max_value=50)
     high_water=st.none() | revisions,
     high_water_at=instants,
     sent=instants,
+    floor=st.integers(min_value=0, max_value=50),
+    key_gone=st.booleans(),
 )
 def test_leads_only_on_a_won_campaign_with_a_valid_proof(
     now: float,
@@ -227,8 +278,10 @@ def test_leads_only_on_a_won_campaign_with_a_valid_proof(
     high_water: int | None,
     high_water_at: float,
     sent: float,
+    floor: int,
+    key_gone: bool,
 ) -> None:
-    campaign = CampaignStanding(key=MINE, create_revision=5, won_at=won_at)
+    campaign = CampaignStanding(key=MINE, create_revision=5, won_at=won_at, key_gone=key_gone)
     seen = read(leader_key, leader_revision, endpoint, revision=read_revision, sent=sent)
     result = decide(
         now=now,
@@ -239,10 +292,13 @@ def test_leads_only_on_a_won_campaign_with_a_valid_proof(
         own_endpoint=OWN,
         high_water=high_water,
         high_water_at=high_water_at,
+        floor=floor,
     )
     match result.state:
         case Leader(epoch=epoch):
             assert epoch == campaign.create_revision
+            assert epoch > floor
+            assert not key_gone
             assert won_at is not None
             assert now < proven_until
             assert not own_key_gone(campaign, seen)
@@ -250,6 +306,8 @@ def test_leads_only_on_a_won_campaign_with_a_valid_proof(
             assert now < contact_until
             assert hint != OWN  # never a hint naming this node
             assert high_water is None or (epoch is not None and epoch >= high_water)
+            assert epoch is not None
+            assert epoch > floor
             assert seen.leader is not None
             assert seen.leader.key != MINE
         case Unknown():

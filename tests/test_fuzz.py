@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 from leaderwatch.client import CachedLeader, Follow, LeaderCache, NoLeaderYet, Rejected, Stale
 from leaderwatch.drivers import _local_store as local_store
+from leaderwatch.drivers.etcd._observer import endpoint_from_value
 from leaderwatch.hint import (
     ENDPOINT_HEADER,
     EPOCH_HEADER,
@@ -413,6 +414,12 @@ def check_endpoint(args: tuple[Any, ...], result: object) -> None:
     assert same_endpoint(result, result)
 
 
+def check_etcd_value(args: tuple[Any, ...], result: object) -> None:
+    assert isinstance(result, str)
+    assert result == parse_endpoint(args[0].decode("utf-8"))
+    check_endpoint((result,), result)
+
+
 def check_same_endpoint(args: tuple[Any, ...], result: object) -> None:
     assert isinstance(result, bool)
     assert same_endpoint(args[1], args[0]) is result
@@ -537,7 +544,8 @@ LOCAL_RECORDS = st.one_of(
         local_store.LocalLeaderRecord,
         epoch=st.integers(0, EPOCH_LIMIT - 1),
         leader_endpoint=st.sampled_from(["a:1", "[::1]:9000", "10.0.0.7:50551"]),
-        node_id=SMALL_TEXT,
+        # A record this driver wrote holds valid text: lone surrogates cannot be written.
+        node_id=SMALL_TEXT.map(lambda text: text.encode("utf-8", "replace").decode("utf-8")),
         pid=SMALL_INTS,
     ),
     st.builds(local_store.LocalEpochCounter, epoch=st.integers(0, EPOCH_LIMIT - 1)),
@@ -599,6 +607,13 @@ TARGETS = [
         st.tuples(ENDPOINT_TEXT | ANY_VALUE),
         parse_endpoint,
         check_endpoint,
+        (InvalidEndpoint,),
+    ),
+    Target(
+        "etcd leader key value",
+        st.tuples(WIRE_BYTES | ENDPOINT_TEXT.map(lambda text: encoded(text, "utf-8"))),
+        endpoint_from_value,
+        check_etcd_value,
         (InvalidEndpoint,),
     ),
     Target(

@@ -25,6 +25,17 @@ from leaderwatch.watch import LeaderWatch, LeaderWatchStats
 __all__ = ["DriverBase", "LeadershipDriver"]
 
 
+def _leaf_errors(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The errors in ``group`` and in the groups nested in it, in order, without the groups."""
+    errors: list[BaseException] = []
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            errors.extend(_leaf_errors(error))
+        else:
+            errors.append(error)
+    return errors
+
+
 @runtime_checkable
 class LeadershipDriver(Protocol):
     """What every driver provides.
@@ -74,8 +85,9 @@ class DriverBase:
       thus learn that this node stopped leading before their iteration
       ends, and a successor is not kept waiting for task teardown.
     - A background task that fails cancels the body of the ``async with``
-      and its error is raised on exit as itself when it is the only one,
-      else in an exception group. An error raised by the body itself
+      and its error is raised on exit as itself when it is the only one
+      (however deep in the driver's own task groups it was raised), else in
+      one exception group of the errors themselves. An error raised by the body itself
       propagates unchanged when no background task failed; when one did
       too, both are raised together in a :class:`BaseExceptionGroup`, the
       body's error first. A cancellation from outside propagates as itself.
@@ -189,15 +201,14 @@ class DriverBase:
                     await self._release()
                 self._watch.close()
         except BaseExceptionGroup as group:
+            errors = _leaf_errors(group)
             if body_error is not None:
                 raise BaseExceptionGroup(
                     f"{type(self).__name__}: the body and a background task failed",
-                    [body_error, *group.exceptions],
+                    [body_error, *errors],
                 ) from None
-            if len(group.exceptions) == 1 and not isinstance(
-                group.exceptions[0], BaseExceptionGroup
-            ):
-                raise group.exceptions[0] from None
+            if len(errors) == 1:
+                raise errors[0] from None
             raise
         if body_error is not None:
             raise body_error

@@ -41,7 +41,8 @@ class LeaseTiming(FrozenValue):
       store gets that long; a silent store is noticed within one interval.
       A watch that saw nothing for that long is re-armed, and a driver that
       heard nothing for :attr:`proof_window` waits that long more before it
-      tries another endpoint.
+      tries another endpoint (a driver tries one at once when a request
+      finds the endpoint unreachable).
     - :attr:`resign_wait` = ``min(1, renew_interval)``: the bound on a
       resign or revoke at shutdown, so leaving never hangs on a dead store.
     - :meth:`backoff`: retries start at 50 ms and double up to

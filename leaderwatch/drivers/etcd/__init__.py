@@ -2,8 +2,8 @@
 
 Candidates follow etcd's own election recipe, the one behind ``etcdctl elect``
 and Go's ``concurrency.Election``: each writes ``<election>/<lease id in hex>``
-holding its endpoint, attached to its lease; the key with the lowest create
-revision leads and its create revision is the epoch. ``etcdctl elect`` peers
+holding its endpoint, attached to its lease; the key of exactly that shape
+with the lowest create revision leads and its create revision is the epoch. ``etcdctl elect`` peers
 and leaderwatch nodes therefore elect and observe each other.
 
 The gRPC client is ``grpc.aio``, so this driver runs on anyio's asyncio
@@ -14,6 +14,9 @@ One job per module:
 - ``_client``: the connection to etcd (TLS, auth, deadlines, watches,
   endpoint switching, when etcd last answered); the only module that knows
   gRPC and maps its errors.
+- ``_history``: what etcd's replies tell of the store's history: has it
+  gone back in time, and the revision floor that follows.
+- ``_floor``: the election's revision floor key, and moving etcd past it.
 - ``_keys``: the recipe's key layout and the queries that find keys in line.
 - ``_lease``: grant, keep-alive, the proof that the lease is alive, revoke.
 - ``_campaign``: create this node's key, wait to be first in line, resign.

@@ -16,6 +16,7 @@ from leaderwatch._log import get_logger
 from leaderwatch._value import FrozenValue
 from leaderwatch.drivers._timing import LeaseTiming
 from leaderwatch.drivers.etcd._client import CallFailed, EtcdClient
+from leaderwatch.drivers.etcd._floor import RevisionFloor
 from leaderwatch.drivers.etcd._keys import ElectionKeys
 from leaderwatch.drivers.etcd._lease import Lease
 
@@ -32,6 +33,8 @@ class CampaignStanding(FrozenValue):
     """The key's create revision: the epoch if it leads."""
     won_at: int | None = None
     """The etcd revision at which no lower key remained while this one existed, if so."""
+    key_gone: bool = False
+    """Whether this node learned that the key is gone (after it won)."""
 
 
 def _same_key(key: bytes, create_revision: int) -> Any:
@@ -50,10 +53,12 @@ class Campaign:
     Guarantees:
 
     - The key is created only if absent, holding this node's endpoint and
-      attached to the lease (:meth:`create`).
+      attached to the lease, and only above the election's revision floor
+      (:meth:`create`).
     - :meth:`wait_until_first` sets :attr:`won_at` at most once, and only on
-      proof that no key with a lower create revision remained while this
-      key still existed. It watches only the predecessor; the candidate
+      proof that no candidate key (:meth:`ElectionKeys.is_candidate`) with a
+      lower create revision remained while this key still existed; other
+      keys under the prefix are skipped. It watches only the predecessor; the candidate
       next in line watches the predecessor and its own key in one watch,
       whose in-order events prove both at once.
     - :attr:`waiting_on` names the predecessor whose change the campaign is
@@ -96,35 +101,44 @@ class Campaign:
         timing: LeaseTiming,
         lease: Lease,
         *,
+        floor: RevisionFloor,
         endpoint: str,
         node_id: str,
     ) -> Campaign | None:
-        """Put this node's key on ``lease``; ``None`` when it is already gone again."""
+        """Put this node's key on ``lease``, above the floor; ``None`` when it is already gone.
+
+        Waits for :meth:`RevisionFloor.ready` first, and again whenever the
+        floor key changed before the key was created.
+        """
         key = keys.candidate(lease.id)
-        create = rpc.TxnRequest(
-            compare=[_same_key(key, 0)],
-            success=[
-                rpc.RequestOp(
-                    request_put=rpc.PutRequest(key=key, value=endpoint.encode(), lease=lease.id)
-                )
-            ],
-            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
+        put = rpc.RequestOp(
+            request_put=rpc.PutRequest(key=key, value=endpoint.encode(), lease=lease.id)
         )
         backoff = timing.backoff()
+        outcome_unknown = False  # an attempt failed in flight: it may have created the key
         while True:
+            create = rpc.TxnRequest(
+                compare=[_same_key(key, 0), await floor.ready()],
+                success=[put],
+                failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))],
+            )
             try:
                 reply = await client.txn(create)
-                break
             except CallFailed:
+                outcome_unknown = True
                 await backoff.wait()
-        if reply.succeeded:
-            revision = reply.header.revision
-        else:
-            # An earlier attempt created it and its reply was lost.
+                continue
+            if reply.succeeded:
+                revision = reply.header.revision
+                break
             existing = reply.responses[0].response_range.kvs
-            if not existing:
-                return None
-            revision = existing[0].create_revision
+            if existing:
+                # An earlier attempt created it and its reply was lost.
+                revision = existing[0].create_revision
+                break
+            if outcome_unknown:
+                return None  # created by a lost attempt and gone again, or never: start over
+            # The floor key changed under this attempt: catch up with it again.
         _log.info(
             "etcd_campaign_started",
             node_id=node_id,
@@ -137,49 +151,40 @@ class Campaign:
     def standing(self) -> CampaignStanding:
         """The key and whether it won, as a value."""
         return CampaignStanding(
-            key=self.key, create_revision=self.create_revision, won_at=self.won_at
+            key=self.key,
+            create_revision=self.create_revision,
+            won_at=self.won_at,
+            key_gone=self.key_gone.is_set(),
         )
 
     async def wait_until_first(self, on_won: Callable[[], None]) -> bool:
-        """Wait until no key with a lower create revision remains: ``True``, :attr:`won_at` set.
+        """Wait until no candidate key with a lower create revision remains: ``True``, won.
 
         ``False`` when this node's own key went first. ``on_won`` runs as soon
         as :attr:`won_at` is set, before this task yields: what it publishes
         comes before any re-read by a :meth:`wait_reacted` caller.
         """
         backoff = self._timing.backoff()
-        check = rpc.TxnRequest(
-            compare=[_same_key(self.key, self.create_revision)],
-            success=[
-                rpc.RequestOp(
-                    request_range=self._keys.highest_below(self.create_revision, keys_only=True)
-                ),
-                rpc.RequestOp(request_range=self._keys.lowest(keys_only=True)),
-            ],
-        )
         try:
             while True:
                 try:
-                    reply = await self._client.txn(check)
+                    line = await self._line()
                 except CallFailed:
                     self._done_reacting()
                     await backoff.wait()
                     continue
                 backoff.reset()
                 self._done_reacting()
-                if not reply.succeeded:
+                if line is None:
                     return False
-                found = reply.responses[0].response_range.kvs
-                if not found:
-                    self.won_at = reply.header.revision
+                revision, predecessor, next_in_line = line
+                if predecessor is None:
+                    self.won_at = revision
                     on_won()
                     return True
-                lowest = reply.responses[1].response_range.kvs
                 try:
                     won_at = await self._wait_for_delete(
-                        found[0].key,
-                        next_in_line=bool(lowest) and lowest[0].key == found[0].key,
-                        after=reply.header.revision,
+                        predecessor, next_in_line=next_in_line, after=revision
                     )
                 except CallFailed:
                     await backoff.wait()
@@ -190,6 +195,76 @@ class Campaign:
                     return True
         finally:
             self._done_reacting()
+
+    async def _line(self) -> tuple[int, bytes | None, bool] | None:
+        """Where this key stands: ``None`` when it is gone, else (revision, predecessor, next?).
+
+        The predecessor is the candidate key right before this one in line
+        (``None``: this key is first), ``next?`` whether the predecessor is
+        first in line; both as of the returned revision, at which this key
+        still existed. One transaction, unless keys that are not candidates
+        fill a whole page.
+        """
+        keys = self._keys
+        reply = await self._client.txn(
+            rpc.TxnRequest(
+                compare=[self._exists],
+                success=[
+                    rpc.RequestOp(
+                        request_range=keys.highest_below(self.create_revision, keys_only=True)
+                    ),
+                    rpc.RequestOp(request_range=keys.lowest(keys_only=True)),
+                ],
+            )
+        )
+        if not reply.succeeded:
+            return None
+        revision = reply.header.revision
+        below, lowest = (response.response_range for response in reply.responses)
+        predecessor = keys.first_candidate(below.kvs)
+        if predecessor is None and below.more:
+            found = await self._scan(
+                lambda kvs: keys.highest_below(kvs[-1].create_revision, keys_only=True), below
+            )
+            if found is None:
+                return None
+            revision, predecessor = found
+        if predecessor is None:
+            return revision, None, False
+        first = keys.first_candidate(lowest.kvs)
+        if first is None and lowest.more:
+            found = await self._scan(
+                lambda kvs: keys.lowest(above=kvs[-1].create_revision, keys_only=True), lowest
+            )
+            if found is None:
+                return None
+            revision, first = found
+        next_in_line = first is not None and first.key == predecessor.key
+        return revision, predecessor.key, next_in_line
+
+    async def _scan(self, next_page: Callable[[Any], Any], page: Any) -> tuple[int, Any] | None:
+        """Read the pages after ``page`` until a candidate key: (revision, key-value or ``None``).
+
+        ``None`` when this node's own key is gone. Each page is read in a
+        transaction that checks this key still exists.
+        """
+        while True:
+            reply = await self._client.txn(
+                rpc.TxnRequest(
+                    compare=[self._exists],
+                    success=[rpc.RequestOp(request_range=next_page(page.kvs))],
+                )
+            )
+            if not reply.succeeded:
+                return None
+            page = reply.responses[0].response_range
+            found = self._keys.first_candidate(page.kvs)
+            if found is not None or not page.more:
+                return int(reply.header.revision), found
+
+    @property
+    def _exists(self) -> Any:
+        return _same_key(self.key, self.create_revision)
 
     async def _wait_for_delete(
         self, predecessor: bytes, *, next_in_line: bool, after: int

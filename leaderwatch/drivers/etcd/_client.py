@@ -1,8 +1,9 @@
 """The driver's one connection to etcd, and the one place that knows gRPC.
 
 Connections (TLS or plaintext), authentication, requests with deadlines,
-watches, switching to another endpoint when the one in use goes silent, and
-how recently etcd answered. Every gRPC error becomes :class:`CallFailed`
+watches, switching to another endpoint when the one in use is unreachable or
+goes silent, how recently etcd answered, and the store's history as its
+replies tell it (:class:`StoreHistory`). Every gRPC error becomes :class:`CallFailed`
 here, or a public error at start-up: no other part of the driver imports
 ``grpc`` or handles its errors.
 
@@ -26,6 +27,7 @@ from aetcd import rpc
 from leaderwatch._log import get_logger
 from leaderwatch.drivers._timing import LeaseTiming
 from leaderwatch.drivers.etcd._errors import EtcdAuthError, EtcdElectionError, EtcdUnavailable
+from leaderwatch.drivers.etcd._history import StoreHistory
 from leaderwatch.state import InvalidEndpoint, parse_endpoint
 
 __all__ = ["CallFailed", "EtcdClient", "parse_endpoints"]
@@ -42,6 +44,8 @@ _CHANNEL_OPTIONS: Final = (
 )
 _AUTH_CODES: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _AUTH_WORDS: Final = ("auth", "user name", "password", "permission", "token")
+_UNREACHABLE: Final = "UNAVAILABLE"
+"""The status of a request the endpoint refused, reset or could not serve (no raft leader)."""
 _WATCH_FILTERS: Final = {
     "all": [],
     "puts": [rpc.WatchCreateRequest.NODELETE],
@@ -65,6 +69,11 @@ class CallFailed(EtcdElectionError):
     def not_found(self) -> bool:
         """etcd does not know the thing asked about (a lease already gone, ...)."""
         return self.code == "NOT_FOUND"
+
+    @property
+    def unreachable(self) -> bool:
+        """The endpoint refused or reset the connection, or cannot serve (``UNAVAILABLE``)."""
+        return self.code == _UNREACHABLE
 
 
 class _ChannelClosed(Exception):
@@ -184,9 +193,17 @@ class EtcdClient:
     - :attr:`contact_until`: every request etcd answered proves the node's
       view of etcd current until :attr:`LeaseTiming.proof_window` after it
       was *sent*.
-    - :meth:`keep_contact` notices when that proof lapses, and then tries the
-      other endpoints in turn (each gets ``call_timeout``), keeping the
-      current one when none answers.
+    - With several endpoints, :meth:`keep_contact` leaves the one in use
+      for the next that answers (each gets ``call_timeout``, in turn) as
+      soon as a request finds it unreachable (refused, reset, ``UNAVAILABLE``)
+      or :meth:`leave_endpoint` asks, and also when it stayed silent for a
+      proof window plus ``call_timeout``; it keeps the current one when none
+      answers. An
+      endpoint switched to counts as having answered.
+    - ``etcd_unreachable`` is logged once per silence, naming the endpoint
+      that went silent.
+    - :attr:`history` sees the header of every range and transaction reply
+      (linearizable reads and writes), so it notices a store that went back.
     - :meth:`connect` raises :class:`EtcdUnavailable` or :class:`EtcdAuthError`
       naming the endpoint; nothing else raises a public error.
     """
@@ -227,7 +244,13 @@ class EtcdClient:
         self._password = password
         self._conn: _Connection | None = None
         self._contact_until = -math.inf
+        self._last_answered_send = -math.inf
         self._heard: anyio.Event | None = None
+        self._answered: anyio.Event | None = None
+        self._unreachable: anyio.Event | None = None
+        self._leave_reason = "unreachable"
+        self.history = StoreHistory(node_id=node_id, settle=timing.ttl)
+        """What etcd's replies tell of the store's history (has it gone back?)."""
 
     @property
     def endpoint(self) -> str | None:
@@ -253,6 +276,7 @@ class EtcdClient:
         failures: list[CallFailed] = []
         for endpoint in self._endpoints:
             sent = anyio.current_time()
+            mark = self.history.mark()
             try:
                 self._conn, reply = await self._open(endpoint, self._connect_timeout)
             except TimeoutError:
@@ -270,6 +294,7 @@ class EtcdClient:
                 failures.append(failure)
                 continue
             self._note_answer(sent)
+            self._note_header(reply.header, endpoint, mark)
             _log.info("etcd_connected", node_id=self._node_id, endpoint=endpoint, tls=self._tls)
             return reply
         tried = "; ".join(str(failure) for failure in failures)
@@ -328,23 +353,59 @@ class EtcdClient:
         until = sent + self._timing.proof_window
         if until > self._contact_until:
             self._contact_until = until
-        heard = self._heard
-        if heard is not None:
-            self._heard = None
-            heard.set()
+        if sent > self._last_answered_send:
+            self._last_answered_send = sent
+        for name in ("_heard", "_answered"):
+            event = getattr(self, name)
+            if event is not None:
+                setattr(self, name, None)
+                event.set()
+
+    def _note_header(self, header: Any, endpoint: str, mark: tuple[int, int]) -> None:
+        self.history.note_reply(
+            int(header.revision),
+            int(header.cluster_id),
+            sent=mark,
+            endpoint=endpoint,
+            now=anyio.current_time(),
+        )
+
+    def leave_endpoint(self, reason: str) -> None:
+        """Have :meth:`keep_contact` try the other endpoints now (no-op with only one)."""
+        if self._unreachable is not None and len(self._endpoints) > 1:
+            self._leave_reason = reason
+            self._unreachable.set()
+
+    async def wait_answer(self, sent_after: float) -> None:
+        """Wait until etcd answered a request sent after ``sent_after``."""
+        while self._last_answered_send <= sent_after:
+            if self._answered is None:
+                self._answered = anyio.Event()
+            await self._answered.wait()
 
     async def keep_contact(self, on_silent: Callable[[], None]) -> NoReturn:
-        """Forever: call ``on_silent`` whenever :attr:`contact_until` passes, then seek an answer.
+        """Forever: switch endpoints when the one in use is unreachable or silent; report silence.
 
-        With several endpoints, one that stays silent for ``call_timeout``
-        more is left for the next that answers.
+        ``on_silent`` is called whenever :attr:`contact_until` passes.
         """
+        backoff = self._timing.backoff()
+        reported: float | None = None  # the contact_until whose lapse was logged
+        self._unreachable = anyio.Event()
         while True:
             until = self._contact_until
-            if anyio.current_time() < until:
-                await anyio.sleep_until(until)
+            if anyio.current_time() < until and not self._unreachable.is_set():
+                with anyio.move_on_at(until):
+                    await self._unreachable.wait()
                 continue
-            if until > -math.inf:
+            if self._unreachable.is_set():
+                self._unreachable = anyio.Event()
+                if await self._switch_endpoint(self._leave_reason):
+                    backoff.reset()
+                else:
+                    await backoff.wait()
+                continue
+            if until > -math.inf and reported != until:
+                reported = until
                 _log.warning(
                     "etcd_unreachable",
                     node_id=self._node_id,
@@ -359,28 +420,34 @@ class EtcdClient:
             with anyio.move_on_after(self._timing.call_timeout):
                 await heard.wait()
             if not heard.is_set():
-                await self._switch_endpoint()
+                await self._switch_endpoint("silent")
 
-    async def _switch_endpoint(self) -> None:
+    async def _switch_endpoint(self, reason: str) -> bool:
         """Try the other endpoints in turn; keep the current one if none answers."""
         current = self._conn
         assert current is not None
         start = self._endpoints.index(current.endpoint)
         for step in range(1, len(self._endpoints)):
             endpoint = self._endpoints[(start + step) % len(self._endpoints)]
+            sent = anyio.current_time()
+            mark = self.history.mark()
             try:
-                conn, _ = await self._open(endpoint, self._timing.call_timeout)
+                conn, reply = await self._open(endpoint, self._timing.call_timeout)
             except (CallFailed, TimeoutError):
                 continue
             self._conn = conn
             _log.warning(
                 "etcd_endpoint_switched",
                 node_id=self._node_id,
+                reason=reason,
                 **{"from": current.endpoint, "to": endpoint},
             )
+            self._note_answer(sent)
+            self._note_header(reply.header, endpoint, mark)
             # Calls in flight on the old channel fail with CallFailed; their loops retry.
             await current.close()
-            return
+            return True
+        return False
 
     # -- requests --------------------------------------------------------------------
 
@@ -403,23 +470,32 @@ class EtcdClient:
         except _GRPC_ERRORS as error:
             if isinstance(error, rpc.AioRpcError) and error.code() in _AUTH_CODES:
                 conn.token_stale = self._username is not None
-            raise _failure(conn.endpoint, error) from error
+            failure = _failure(conn.endpoint, error)
+            if failure.unreachable and conn is self._conn:
+                self.leave_endpoint("unreachable")
+            raise failure from error
         self._note_answer(sent)
         return reply
 
     async def range(self, request: Any) -> Any:
         """A range request; its reply."""
         wait = self._timing.call_timeout
-        return await self._call(
+        endpoint, mark = self.endpoint, self.history.mark()
+        reply = await self._call(
             lambda c: c.kv.Range(request, timeout=wait, metadata=c.metadata), wait
         )
+        self._note_header(reply.header, endpoint or "", mark)
+        return reply
 
     async def txn(self, request: Any, *, within: float | None = None) -> Any:
         """A transaction, its deadline ``within`` s (default ``call_timeout``); its reply."""
         wait = self._timing.call_timeout if within is None else within
-        return await self._call(
+        endpoint, mark = self.endpoint, self.history.mark()
+        reply = await self._call(
             lambda c: c.kv.Txn(request, timeout=wait, metadata=c.metadata), wait
         )
+        self._note_header(reply.header, endpoint or "", mark)
+        return reply
 
     async def grant(self, ttl: int) -> Any:
         """Ask for a lease of ``ttl`` seconds; the reply (``ID``, ``TTL``, ``error``)."""
@@ -468,13 +544,15 @@ class EtcdClient:
         *,
         start_revision: int,
         only: Literal["all", "puts", "deletes"] = "all",
+        on_created: Callable[[], None] | None = None,
     ) -> list[Any] | None:
         """Watch from ``start_revision``: the first events etcd reports, ``None`` after a while.
 
         ``None`` after ``call_timeout`` without events, or when etcd cancels
         the watch (compaction). etcd reports a watch's events in revision
         order and never splits one revision's events, so the list holds every
-        change in the range up to the revisions it covers.
+        change in the range up to the revisions it covers. ``on_created``
+        runs once etcd confirmed the watch.
         """
         create = rpc.WatchCreateRequest(
             key=key,
@@ -491,6 +569,8 @@ class EtcdClient:
                 async for reply in call:
                     if reply.canceled or reply.compact_revision:
                         return None
+                    if reply.created and on_created is not None:
+                        on_created()
                     if reply.events:
                         return list(reply.events)
             finally:

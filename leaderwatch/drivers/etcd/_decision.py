@@ -2,7 +2,8 @@
 
 :func:`decide` is a pure function of what the driver's parts know: the last
 read of the leader key, this node's campaign, its lease proof, the clock,
-when etcd last answered, and the node's epoch high-water mark.
+when etcd last answered, the node's epoch high-water mark, and the
+election's revision floor.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ Reason = Literal[
     "own_abandoned_key",
     "stale_read",
     "epoch_behind",
+    "below_floor",
     "following",
 ]
 """Why :func:`decide` chose its state (see its table)."""
@@ -61,6 +63,7 @@ def decide(
     own_endpoint: str | None,
     high_water: int | None,
     high_water_at: float,
+    floor: int,
 ) -> Decision:
     """The leadership value to publish now: the first rule that matches decides.
 
@@ -69,17 +72,21 @@ def decide(
     this node's key (``None`` when not campaigning); ``proven_until`` the
     lease proof of that campaign; ``own_endpoint`` this node's endpoint;
     ``high_water`` the highest epoch this node published and
-    ``high_water_at`` when it did. Instants are ``anyio.current_time()``.
+    ``high_water_at`` when it did; ``floor`` the election's revision floor
+    (no key created at or below it may lead: etcd went back in time and
+    handed those revisions out again). Instants are ``anyio.current_time()``.
 
     1. ``leading``: ``Leader(campaign.create_revision)`` when the campaign
-       won, ``now < proven_until``, and no read at or after the win shows
-       another leader (:func:`own_key_gone`). ``contact_until`` does not
-       apply: the lease proof is the stricter bound.
+       won, its key is not known gone (``campaign.key_gone``), it was
+       created above ``floor``, ``now < proven_until``, and no read at or
+       after the win shows another leader (:func:`own_key_gone`).
+       ``contact_until`` does not apply: the lease proof is the stricter
+       bound.
     2. ``no_contact``: ``Unknown()`` when ``now >= contact_until``.
     3. ``no_candidate``: ``Unknown()`` when no candidate key exists.
     4. ``own_key_unproven``: ``Unknown()`` when the leader key is this
-       campaign's but rule 1 did not hold (not proven first, or the proof
-       expired).
+       campaign's but rule 1 did not hold (not proven first, the proof
+       expired, the key is known gone, or it is below the floor).
     5. ``own_abandoned_key``: ``Unknown()`` when the leader key holds this
        node's endpoint, as this node writes it (a key of an abandoned
        lease): never a hint pointing at this node.
@@ -87,16 +94,22 @@ def decide(
        was created below ``high_water``; ``epoch_behind`` when the read was
        sent after that epoch was published (etcd went back in time, which
        the caller reports), ``stale_read`` when it was sent before.
-    7. ``following``: ``Follower(leader endpoint, its create revision)``,
+    7. ``below_floor``: ``Unknown()`` when the leader key was created at or
+       below ``floor``: its epoch may name another leader already.
+    8. ``following``: ``Follower(leader endpoint, its create revision)``,
        the endpoint ``None`` when the key's value is not a ``host:port``.
 
-    So this node leads only at its own key's create revision, and never
-    follows a leader below its high-water mark (the ``LeaderWatch`` the
-    value goes through refuses any epoch below it, as a last guard).
+    So this node leads only at its own key's create revision, above the
+    floor, and never follows a leader below its high-water mark or at or
+    below the floor (the ``LeaderWatch`` the value goes through refuses any
+    epoch below its high-water mark, and a second leader at one epoch, as a
+    last guard).
     """
     if (
         campaign is not None
         and campaign.won_at is not None
+        and not campaign.key_gone
+        and campaign.create_revision > floor
         and now < proven_until
         and not own_key_gone(campaign, read)
     ):
@@ -113,6 +126,8 @@ def decide(
     if high_water is not None and leader.create_revision < high_water:
         went_back = read.sent > high_water_at
         return Decision(state=Unknown(), reason="epoch_behind" if went_back else "stale_read")
+    if leader.create_revision <= floor:
+        return Decision(state=Unknown(), reason="below_floor")
     return Decision(
         state=Follower(leader_endpoint=leader.endpoint, leader_epoch=leader.create_revision),
         reason="following",

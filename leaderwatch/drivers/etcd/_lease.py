@@ -6,6 +6,7 @@ The counterpart of ``session.go`` in etcd's Go ``client/v3/concurrency``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import anyio
@@ -30,15 +31,20 @@ class Lease:
       ``-math.inf`` when etcd reports the lease gone.
     - :meth:`keep_alive` renews every ``renew_interval`` (``renew_retry``
       after a failure) and returns the moment :attr:`proven_until` passes or
-      etcd reports the lease gone.
-    - :meth:`revoke` runs at most once, shielded, within ``resign_wait``.
+      etcd reports the lease gone. A renewal that got no answer within its
+      deadline calls ``on_unanswered`` (the driver's chance to try another
+      endpoint while the proof still holds).
+    - Each :meth:`revoke` attempt is shielded and bounded by ``resign_wait``;
+      once etcd confirmed the lease gone, further attempts do nothing.
     """
 
     __slots__ = (
         "_client",
         "_last_acked_send",
         "_node_id",
+        "_on_unanswered",
         "_proven_until",
+        "_revoke_attempts",
         "_revoked",
         "_timing",
         "id",
@@ -53,17 +59,27 @@ class Lease:
         acked_send: float,
         proven_until: float,
         node_id: str,
+        on_unanswered: Callable[[], None] = lambda: None,
     ) -> None:
         self._client = client
+        self._on_unanswered = on_unanswered
         self._timing = timing
         self.id = lease_id
         self._last_acked_send = acked_send
         self._proven_until = proven_until
         self._node_id = node_id
         self._revoked = False
+        self._revoke_attempts = 0
 
     @classmethod
-    async def grant(cls, client: EtcdClient, timing: LeaseTiming, *, node_id: str) -> Lease:
+    async def grant(
+        cls,
+        client: EtcdClient,
+        timing: LeaseTiming,
+        *,
+        node_id: str,
+        on_unanswered: Callable[[], None] = lambda: None,
+    ) -> Lease:
         """Ask etcd for a lease of ``timing.ttl`` seconds until it grants one."""
         backoff = timing.backoff()
         while True:
@@ -88,6 +104,7 @@ class Lease:
                 acked_send=sent,
                 proven_until=timing.proven_until(sent, reply.TTL),
                 node_id=node_id,
+                on_unanswered=on_unanswered,
             )
 
     @property
@@ -122,6 +139,8 @@ class Lease:
                     ttl = await self._client.keep_alive_once(self.id)
                 except CallFailed as failure:
                     _log.debug("etcd_keepalive_failed", node_id=self._node_id, error=str(failure))
+                    if failure.code == "DEADLINE_EXCEEDED":
+                        self._on_unanswered()
                     next_send = max(anyio.current_time(), sent + timing.renew_retry)
                     continue
                 if ttl <= 0:
@@ -135,23 +154,46 @@ class Lease:
                 continue
             return "lease_unproven"
 
-    async def revoke(self) -> None:
-        """Best effort, once, shielded, within ``resign_wait``: end the lease and its keys now."""
+    @property
+    def revoked(self) -> bool:
+        """Whether etcd confirmed that the lease is gone (revoked by this node, or already)."""
+        return self._revoked
+
+    async def revoke(self) -> bool:
+        """Best effort, shielded, within ``resign_wait``: end the lease and its keys now.
+
+        ``True`` once etcd confirmed the lease gone (then further calls do
+        nothing); ``False`` when etcd did not answer or refused, so the caller
+        may try again. The first failure is logged (``etcd_lease_revoke_failed``),
+        a success always (``etcd_lease_revoked``, with the number of attempts).
+        """
         if self._revoked:
-            return
-        self._revoked = True
+            return True
+        self._revoke_attempts += 1
         wait = self._timing.resign_wait
         error: str | None = f"no answer within {wait:g}s"  # unless etcd answers in time
+        existed = False
         with anyio.CancelScope(shield=True, deadline=anyio.current_time() + wait):
             try:
-                if not await self._client.revoke(self.id, within=wait):
-                    return  # etcd had already dropped it
+                existed = await self._client.revoke(self.id, within=wait)
                 error = None
             except CallFailed as failure:
                 error = str(failure)
         if error is not None:
-            _log.warning(
-                "etcd_lease_revoke_failed", node_id=self._node_id, lease_id=self.hex_id, error=error
+            if self._revoke_attempts == 1:
+                _log.warning(
+                    "etcd_lease_revoke_failed",
+                    node_id=self._node_id,
+                    lease_id=self.hex_id,
+                    error=error,
+                )
+            return False
+        self._revoked = True
+        if existed:
+            _log.info(
+                "etcd_lease_revoked",
+                node_id=self._node_id,
+                lease_id=self.hex_id,
+                attempts=self._revoke_attempts,
             )
-            return
-        _log.info("etcd_lease_revoked", node_id=self._node_id, lease_id=self.hex_id)
+        return True

@@ -6,10 +6,11 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import sniffio
+from aetcd import rpc
 from anyio.abc import TaskGroup
 
 from leaderwatch._log import get_logger
@@ -17,9 +18,10 @@ from leaderwatch._value import FrozenValue
 from leaderwatch.drivers._base import DriverBase
 from leaderwatch.drivers._timing import LeaseTiming
 from leaderwatch.drivers.etcd._campaign import Campaign
-from leaderwatch.drivers.etcd._client import EtcdClient, parse_endpoints
+from leaderwatch.drivers.etcd._client import CallFailed, EtcdClient, parse_endpoints
 from leaderwatch.drivers.etcd._decision import decide, own_key_gone
-from leaderwatch.drivers.etcd._errors import EtcdElectionError
+from leaderwatch.drivers.etcd._errors import EtcdElectionError, EtcdUnavailable
+from leaderwatch.drivers.etcd._floor import RevisionFloor
 from leaderwatch.drivers.etcd._keys import ElectionKeys
 from leaderwatch.drivers.etcd._lease import Lease
 from leaderwatch.drivers.etcd._observer import LeaderObserver, LeaderRead
@@ -30,7 +32,7 @@ __all__ = ["EtcdElectionDriver"]
 _log = get_logger("leaderwatch.drivers.etcd")
 
 
-_EndReason = Literal["lease_expired", "lease_unproven", "campaign_key_deleted"]
+_EndReason = Literal["lease_expired", "lease_unproven", "campaign_key_deleted", "store_went_back"]
 
 
 class _SessionEnded(FrozenValue):
@@ -53,22 +55,36 @@ class EtcdElectionDriver(DriverBase):
 
     - Key layout of etcd's election recipe: a candidate writes
       ``<election>/<lease id, lowercase hex>`` holding ``node_endpoint``,
-      attached to its lease of ``ttl`` seconds; the key with the lowest
-      create revision leads, and ``Leader.epoch`` / ``Follower.leader_epoch``
-      is that key's create revision, so epochs strictly increase across
-      leaders. A waiting candidate watches only its predecessor key (the
-      one next in line also its own key, in the same watch); a candidate
-      whose key is gone never leads on it.
-      ``etcdctl elect`` candidates and observers interoperate.
+      attached to its lease of ``ttl`` seconds; the candidate key with the
+      lowest create revision leads, and ``Leader.epoch`` /
+      ``Follower.leader_epoch`` is that key's create revision, so epochs
+      strictly increase across leaders. Only keys of exactly that shape are
+      candidates: any other key under ``<election>/`` (a nested election
+      ``<election>/sub``, anything else) is ignored. A waiting candidate
+      watches only its predecessor key (the one next in line also its own
+      key, in the same watch); a candidate whose key is gone never leads on
+      it. ``etcdctl elect`` candidates and observers interoperate.
+    - One epoch never names two leaders, even across an etcd that went back
+      in time (data wiped, restored from an older snapshot, another cluster
+      behind the address): a reply at a revision below one already seen, or
+      from another cluster id, is logged once as ``etcd_store_went_back``
+      (error); the node then never leads nor follows a key created at or
+      below the highest revision it had seen (the *revision floor*, shared
+      through the key ``<election>.revision-floor``), moves etcd's revision
+      past that floor by rewriting that key, and campaigns only ``ttl``
+      after it saw the store go back (every lease of the old store ran out
+      by then), so the group elects a leader at a fresh, higher epoch.
     - Lease safety: ``Leader`` is published only while the lease is proven
       alive, i.e. until ``ttl - margin`` seconds after sending the last
       keep-alive etcd acknowledged (monotonic clock, measured from the
       send; :attr:`proven_until`). At that instant, if no newer keep-alive
       was acknowledged, the node publishes ``Unknown()``, abandons the lease
       and its key (a best-effort revoke), and campaigns again with a fresh
-      lease once etcd answers. A lease etcd reports expired, or a deleted
-      campaign key, ends the campaign the same way
-      (``etcd_campaign_abandoned`` with its ``reason``).
+      lease once etcd answers; a revoke that failed is retried as soon as
+      etcd answers again (for at most ``ttl``). A lease etcd reports
+      expired, or a deleted campaign key, ends the campaign the same way
+      (``etcd_campaign_abandoned`` with its ``reason``); the watch event of
+      the key's deletion steps the leader down before any re-read.
     - Non-leaders publish ``Follower(endpoint, epoch)`` for the current
       leader key, ``Follower(None, epoch)`` plus an error log
       (``etcd_leader_endpoint_invalid``) when its value is not a scheme-less
@@ -93,7 +109,10 @@ class EtcdElectionDriver(DriverBase):
 
     ``endpoints`` are scheme-less ``host:port`` strings (one string may hold
     several, comma-separated): they are tried in order at start-up and again,
-    in turn, whenever the one in use stops answering. TLS is used when
+    in turn, as soon as the one in use refuses or resets a request
+    (``UNAVAILABLE``), when a leader's keep-alive gets no answer in time,
+    and when it stays silent for ``ttl - margin``; the lease lives on the
+    cluster, so a leader keeps leading through another member. TLS is used when
     ``tls=True`` or any of ``ca_cert``, ``client_cert``, ``client_key`` is
     given; ``username`` and ``password`` use etcd's authentication.
     ``margin`` defaults to ``max(0.5, ttl / 5)`` seconds and must be in
@@ -129,6 +148,7 @@ class EtcdElectionDriver(DriverBase):
         super().__init__(
             node_id if node_id is not None else (own or f"etcd-observer:{election}"),
             strict=strict,
+            self_endpoint=own,
         )
         self._election = election
         self._node_endpoint = own
@@ -148,7 +168,11 @@ class EtcdElectionDriver(DriverBase):
             username=username,
             password=password,
         )
-        self._observer = LeaderObserver(self._client, self._keys, timing, node_id=self.node_id)
+        self._floor = RevisionFloor(self._client, self._keys, timing, node_id=self.node_id)
+        self._observer = LeaderObserver(
+            self._client, self._keys, self._floor, timing, node_id=self.node_id
+        )
+        self._tasks: TaskGroup | None = None
         self._read: LeaderRead | None = None
         self._campaign: Campaign | None = None
         self._candidacy: anyio.CancelScope | None = None
@@ -209,11 +233,21 @@ class EtcdElectionDriver(DriverBase):
                 "EtcdElectionDriver runs on anyio's asyncio backend only (its gRPC client is "
                 "grpc.aio); run the application with backend='asyncio'"
             )
-        sent = anyio.current_time()
-        # The first value subscribers see is what etcd holds, not a placeholder.
-        self._note_read(self._observer.read_from(await self._client.connect(), sent))
-        task_group.start_soon(self._observer.run, self._note_read, self._let_campaign_react)
+        await self._client.connect()
+        try:
+            # The first value subscribers see is what etcd holds, not a placeholder.
+            self._note_read(await self._observer.read())
+        except CallFailed as failure:
+            raise EtcdUnavailable(
+                f"etcd at {failure.endpoint} answered, then failed to read election "
+                f"{self._election!r}: {failure.code}: {failure.details}; check its health"
+            ) from failure
+        self._tasks = task_group
+        task_group.start_soon(
+            self._observer.run, self._note_read, self._note_events, self._let_campaign_react
+        )
         task_group.start_soon(self._client.keep_contact, self._publish_state)
+        task_group.start_soon(self._floor.keep)
         if self._node_endpoint is not None:
             self._candidacy = anyio.CancelScope()
             self._candidacy_over = anyio.Event()
@@ -249,6 +283,7 @@ class EtcdElectionDriver(DriverBase):
             own_endpoint=self._node_endpoint,
             high_water=self._watch.high_water,
             high_water_at=self._high_water_at,
+            floor=self._client.history.floor,
         )
         if decision.reason == "epoch_behind":
             self._report_epoch_behind(read)
@@ -279,6 +314,19 @@ class EtcdElectionDriver(DriverBase):
             campaign.key_gone.set()
         self._publish_state()
 
+    def _note_events(self, events: list[Any]) -> None:
+        """Events of the watched leader key: step down at once when it is this node's, deleted.
+
+        The successor learns from the same event (the deletion of its
+        predecessor), so the old leader steps down without waiting for a read.
+        """
+        campaign = self._campaign
+        if campaign is None or campaign.won_at is None:
+            return
+        if any(event.type == rpc.Event.DELETE and event.kv.key == campaign.key for event in events):
+            campaign.key_gone.set()
+            self._publish_state()
+
     async def _let_campaign_react(self, changed_key: bytes) -> None:
         # When the leader key that changed is this node's predecessor, the
         # campaign decides first, so a hand-over is not slowed by the re-read.
@@ -301,12 +349,18 @@ class EtcdElectionDriver(DriverBase):
         try:
             with self._candidacy:
                 while self.campaigning:
-                    lease = await Lease.grant(self._client, self._timing, node_id=self.node_id)
+                    lease = await Lease.grant(
+                        self._client,
+                        self._timing,
+                        node_id=self.node_id,
+                        on_unanswered=self._renewal_unanswered,
+                    )
                     started = anyio.current_time()
                     try:
                         self._log_abandoned(await self._hold_session(lease))
                     finally:
-                        await lease.revoke()
+                        if not await lease.revoke() and self._tasks is not None:
+                            self._tasks.start_soon(self._revoke_when_etcd_answers, lease)
                     if anyio.current_time() - started > self._timing.proof_window:
                         backoff.reset()
                     await backoff.wait()
@@ -341,6 +395,7 @@ class EtcdElectionDriver(DriverBase):
         async with anyio.create_task_group() as session:
             session.start_soon(report, lease.keep_alive)
             session.start_soon(report, partial(self._campaign_on, lease))
+            session.start_soon(report, self._until_below_floor)
             try:
                 await ended.wait()
             finally:
@@ -348,7 +403,50 @@ class EtcdElectionDriver(DriverBase):
                 await self._step_down()
         return endings[0]
 
-    async def _campaign_on(self, lease: Lease) -> Literal["campaign_key_deleted"]:
+    def _renewal_unanswered(self) -> None:
+        # A leader's lease is at stake: try another endpoint while the proof
+        # still holds, rather than after a proof window of silence.
+        campaign = self._campaign
+        if campaign is not None and campaign.won_at is not None:
+            self._client.leave_endpoint("renewal_unanswered")
+
+    async def _until_below_floor(self) -> Literal["store_went_back"]:
+        """Return once this session's key is at or below the revision floor (etcd went back)."""
+        history = self._client.history
+        while True:
+            campaign = self._campaign
+            if campaign is not None and campaign.create_revision <= history.floor:
+                return "store_went_back"
+            await history.wait_changed()
+
+    async def _revoke_when_etcd_answers(self, lease: Lease) -> None:
+        """Retry revoking an abandoned lease whenever etcd answers again, for a bounded time.
+
+        Its key would otherwise lead, or stand in line, until etcd expires the
+        lease, ``ttl`` after etcd last heard of it, which may be after etcd
+        restarts (etcd renews every lease when it restarts). Gives up ``ttl``
+        after etcd first answered again, and when the driver exits.
+        """
+        backoff = self._timing.backoff()
+        await self._client.wait_answer(anyio.current_time())
+        with anyio.move_on_after(self._timing.ttl):
+            while True:
+                attempted = anyio.current_time()
+                if await lease.revoke():
+                    break
+                await backoff.wait()
+                await self._client.wait_answer(attempted)
+        if not lease.revoked:
+            _log.warning(
+                "etcd_lease_revoke_abandoned",
+                node_id=self.node_id,
+                lease_id=lease.hex_id,
+                reason=f"etcd answered but did not revoke it within ttl={self._timing.ttl}s",
+            )
+
+    async def _campaign_on(
+        self, lease: Lease
+    ) -> Literal["campaign_key_deleted", "store_went_back"]:
         """Campaign with this node's key on ``lease``; return once that key is gone."""
         assert self._node_endpoint is not None
         campaign = await Campaign.create(
@@ -356,9 +454,12 @@ class EtcdElectionDriver(DriverBase):
             self._keys,
             self._timing,
             lease,
+            floor=self._floor,
             endpoint=self._node_endpoint,
             node_id=self.node_id,
         )
+        if campaign is not None and campaign.create_revision <= self._client.history.floor:
+            return "store_went_back"  # an earlier attempt's key, created before the floor rose
         # Not campaigning any more: resign() stepped down while the key was being
         # created; the lease's revoke deletes it.
         if campaign is not None and self.campaigning:
