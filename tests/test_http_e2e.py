@@ -308,10 +308,11 @@ async def test_kill_9_of_the_leader_during_a_stream_of_requests(
     assert max(served) > old_epoch
     assert served[max(served)] != old.endpoint
     assert old.wait_exit() == -signal.SIGKILL
-    # The servers agree with the client: one node per epoch, nothing after the kill.
+    # The servers agree with the client: one node per epoch, nothing after the kill (give
+    # or take the moment SIGKILL needs to stop a process running on another core).
     events = served_events(nodes)
     assert one_node_per_epoch(events, ("admitted", "request")) == served
-    assert all(e["t0"] < killed for e in events if e["node"] == old.endpoint)
+    assert all(e["t0"] < killed + 0.05 for e in events if e["node"] == old.endpoint)
     # Leader-only jobs ran on exactly one node per term, the successor's in its own term.
     jobs = one_node_per_epoch(nodes.events(), ("job_start",))
     assert jobs == served
