@@ -17,6 +17,16 @@ Three parts, in one run, each against the same thing without leaderwatch:
   SIGTERM of the leader (``leaderwatch.uvicorn.serve``), time until the
   successor answers 200, against the driver's own hand-over (in-process
   ``resign()`` until the other driver publishes ``Leader``).
+- ``outage``: what a client sees during a failover. Three uvicorn nodes on a
+  ``LocalElectionDriver`` directory, four client streams of ``POST``
+  requests (``LeaderAwareTransport`` with its default ``RetryPolicy`` and
+  idempotency keys); the leader is killed (``kill -9``) or stopped
+  gracefully (SIGTERM), once per round, and restarted as a follower for the
+  next. Reported per fault: median and max time from the fault to the
+  first successful response from the successor, the slowest request, the
+  failed requests (target 0) and the requests served by a node that was not
+  the leader (target 0: an epoch served by two nodes, or an old epoch
+  served after a newer one started).
 
 Usage::
 
@@ -24,6 +34,7 @@ Usage::
     python benchmarks/http.py --quick    # smoke run, a few seconds
     python benchmarks/http.py --json     # JSON on stdout (or --json PATH)
     python benchmarks/http.py --only inprocess --only handover
+    python benchmarks/http.py --only outage --rounds 10
 """
 
 from __future__ import annotations
@@ -57,7 +68,7 @@ from typing import Any
 import anyio
 
 from leaderwatch import LeaderNode, LocalElectionDriver, ManualDriver, StaticDriver
-from leaderwatch.asgi import LeaderRedirectMiddleware
+from leaderwatch.asgi import LeaderRedirectMiddleware, leader_status_app
 from leaderwatch.redirect import _decide, decide
 from leaderwatch.serving import NotServing, Serving
 from leaderwatch.state import Leader
@@ -445,6 +456,217 @@ def handover(rounds: int, poll: float) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
+# Client-visible outage during a failover
+# --------------------------------------------------------------------------
+
+OUTAGE_STREAMS = 4
+OUTAGE_AFTER = 5
+"""Replies from the successor each stream waits for before the round ends."""
+
+
+def ticket_app(endpoint: str) -> Any:
+    """Answers every request with who served it, at which epoch, and when (server clock)."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await hello(scope, receive, send)
+            return
+        started = time.monotonic()
+        while (await receive()).get("more_body"):
+            pass
+        epoch = scope["state"]["leader_epoch"]
+        body = json.dumps({"node": endpoint, "epoch": epoch, "t0": started}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class OutageNode:
+    """One node process (``--serve outage``) on a fixed port, restartable."""
+
+    def __init__(self, port: int, env: dict[str, str]) -> None:
+        self.port = port
+        self.endpoint = f"127.0.0.1:{port}"
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--serve", "outage", "--port", str(self.port)],
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_listening(self.port, self.process)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def leader_endpoint(self) -> str | None:
+        import httpx
+
+        try:
+            response = httpx.get(f"http://{self.endpoint}/leaderwatch/status", timeout=2)
+        except httpx.TransportError:
+            return None
+        found = response.json()["leader_endpoint"]
+        return found if isinstance(found, str) else None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        if self.process is not None:
+            self.process.wait(10)
+
+
+def agree_on_a_leader(nodes: list[OutageNode]) -> bool:
+    """Every node (a restarted one too) names the same leader."""
+    named = [node.leader_endpoint() for node in nodes]
+    return None not in named and len(set(named)) == 1
+
+
+async def outage_round(
+    nodes: list[OutageNode], fault: str, transport: Any
+) -> tuple[dict[str, Any], OutageNode]:
+    """One fault under load; the figures of the round, and the node that was faulted."""
+    import httpx
+
+    replies: list[tuple[int, str, int, float, float, float]] = []  # stream, node, epoch, ...
+    failures: list[str] = []
+    async with httpx.AsyncClient(transport=transport, base_url="http://cluster") as client:
+        probe = (await client.post("/tickets", content=b"{}")).json()
+        leader = next(node for node in nodes if node.endpoint == probe["node"])
+        old_epoch = probe["epoch"]
+        faulted_at: list[float] = []
+        done = anyio.Event()
+        enough = anyio.Event()
+
+        async def stream(index: int) -> None:
+            while not done.is_set():
+                started = time.monotonic()
+                try:
+                    response = await client.post("/tickets", content=b"{}")
+                except httpx.HTTPError as error:
+                    failures.append(f"{type(error).__name__}: {error}")
+                    continue
+                finished = time.monotonic()
+                if response.status_code != 200:
+                    failures.append(f"HTTP {response.status_code}")
+                    continue
+                body = response.json()
+                replies.append((index, body["node"], body["epoch"], body["t0"], started, finished))
+                if faulted_at and new_replies_per_stream() >= OUTAGE_AFTER:
+                    enough.set()
+
+        def new_replies_per_stream() -> int:
+            counts = [0] * OUTAGE_STREAMS
+            for index, _, epoch, *_ in replies:
+                if epoch > old_epoch:
+                    counts[index] += 1
+            return min(counts)
+
+        async with anyio.create_task_group() as streams:
+            for index in range(OUTAGE_STREAMS):
+                streams.start_soon(stream, index)
+            await anyio.sleep(0.2)
+            faulted_at.append(time.monotonic())
+            assert leader.process is not None
+            leader.process.send_signal(signal.SIGKILL if fault == "kill" else signal.SIGTERM)
+            with anyio.move_on_after(20):
+                await enough.wait()
+            done.set()
+    assert leader.process is not None
+    await anyio.to_thread.run_sync(leader.process.wait, 20)
+    fault_time = faulted_at[0]
+    new = [reply for reply in replies if reply[2] > old_epoch]
+    first_new = min((reply[5] for reply in new), default=math.inf)
+    # Served by a non-leader: an epoch served by two nodes, or an epoch served after a
+    # newer epoch had started serving (by the server's clock: one clock on a Linux host).
+    nodes_by_epoch: dict[int, set[str]] = {}
+    first_start: dict[int, float] = {}
+    for _, node, epoch, t0, _, _ in replies:
+        nodes_by_epoch.setdefault(epoch, set()).add(node)
+        first_start[epoch] = min(first_start.get(epoch, math.inf), t0)
+    non_leader = sum(len(served) - 1 for served in nodes_by_epoch.values())
+    non_leader += sum(
+        1
+        for _, _, epoch, t0, _, _ in replies
+        if any(later > epoch and first_start[later] <= t0 for later in first_start)
+    )
+    spanning = [reply[5] - reply[4] for reply in replies if reply[5] >= fault_time]
+    return (
+        {
+            "outage_s": first_new - fault_time,
+            "slowest_request_s": max(spanning, default=0.0),
+            "failed": len(failures),
+            "failures": failures[:5],
+            "non_leader": non_leader,
+            "requests": len(replies),
+            "epochs": sorted(nodes_by_epoch),
+        },
+        leader,
+    )
+
+
+def outage(rounds: int, poll: float, retry_after: float) -> dict[str, Any]:
+    from leaderwatch.httpx import LeaderAwareTransport
+    from leaderwatch.retry import RetryPolicy
+
+    result: dict[str, Any] = {
+        "poll_interval_s": poll,
+        "rounds": rounds,
+        "streams": OUTAGE_STREAMS,
+        "retry_after_s": retry_after,
+        "policy": RetryPolicy().model_dump(),
+    }
+    with tempfile.TemporaryDirectory() as root:
+        env = {
+            "LW_BENCH_DIR": f"{root}/election",
+            "LW_BENCH_POLL": str(poll),
+            "LW_BENCH_RETRY_AFTER": str(retry_after),
+        }
+        nodes = [OutageNode(free_port(), env) for _ in range(3)]
+        try:
+            for node in nodes:
+                node.start()
+            for fault in ("kill", "graceful"):
+                runs = []
+                for _ in range(rounds):
+                    for node in nodes:
+                        if not node.running():
+                            node.start()
+                    # Every node, the restarted one included, follows one leader.
+                    wait_for(
+                        lambda: (
+                            len({node.leader_endpoint() for node in nodes} - {None}) == 1
+                            and all(node.leader_endpoint() for node in nodes)
+                        ),
+                        20,
+                    )
+                    transport = LeaderAwareTransport(
+                        [node.endpoint for node in nodes], idempotency_keys=True
+                    )
+                    run, _ = anyio.run(outage_round, nodes, fault, transport)
+                    runs.append(run)
+                outages = [run["outage_s"] * 1e3 for run in runs]
+                result[fault] = {
+                    "outage_ms": {"median": statistics.median(outages), "max": max(outages)},
+                    "slowest_request_ms": max(run["slowest_request_s"] for run in runs) * 1e3,
+                    "failed": sum(run["failed"] for run in runs),
+                    "non_leader": sum(run["non_leader"] for run in runs),
+                    "requests": sum(run["requests"] for run in runs),
+                    "runs": runs,
+                }
+        finally:
+            for node in nodes:
+                node.stop()
+    return result
+
+
+# --------------------------------------------------------------------------
 # Server mode and main
 # --------------------------------------------------------------------------
 
@@ -467,6 +689,35 @@ def run_server(mode: str, port: int) -> None:
     if mode == "runner":  # the runner and a node, without the middleware
         node = LeaderNode(StaticDriver(epoch=1))
         leaderwatch.uvicorn.serve(hello, node=node, **options)
+        return
+    if mode == "outage":
+        endpoint = f"127.0.0.1:{port}"
+        node = LeaderNode(
+            LocalElectionDriver(
+                os.environ["LW_BENCH_DIR"],
+                node_endpoint=endpoint,
+                poll_interval=float(os.environ["LW_BENCH_POLL"]),
+            )
+        )
+        status = leader_status_app(node)
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http" and scope["path"].startswith("/leaderwatch/"):
+                await status(scope, receive, send)
+            else:
+                await tickets(scope, receive, send)
+
+        tickets = ticket_app(endpoint)
+        leaderwatch.uvicorn.serve(
+            LeaderRedirectMiddleware(
+                app,
+                node=node,
+                exempt=("/leaderwatch",),
+                retry_after=float(os.environ["LW_BENCH_RETRY_AFTER"]),
+            ),
+            node=node,
+            **options,
+        )
         return
     if mode == "leader":
         node = LeaderNode(StaticDriver(epoch=1))
@@ -560,6 +811,27 @@ def print_table(result: dict[str, Any], out: Any) -> None:
             f"{hand['graceful_ms']['max']:.1f}",
         )
         line("ratio (median)", f"{hand['ratio_median']:.2f}x")
+    if "outage" in result:
+        failover = result["outage"]
+        print(
+            f"\nclient-visible outage, local driver (poll "
+            f"{failover['poll_interval_s'] * 1e3:.0f} ms), {failover['streams']} client streams "
+            f"of POSTs, 503 retry-after {failover['retry_after_s'] * 1e3:.0f} ms, "
+            f"{failover['rounds']} rounds per fault",
+            file=out,
+        )
+        line("fault", "median ms", "max ms", "slowest req ms", "failed", "non-leader")
+        for fault, name in (("kill", "kill -9"), ("graceful", "SIGTERM (graceful)")):
+            if fault in failover:
+                row = failover[fault]
+                line(
+                    name,
+                    f"{row['outage_ms']['median']:.1f}",
+                    f"{row['outage_ms']['max']:.1f}",
+                    f"{row['slowest_request_ms']:.1f}",
+                    f"{row['failed']}/{row['requests']}",
+                    row["non_leader"],
+                )
 
 
 def main() -> None:
@@ -568,21 +840,27 @@ def main() -> None:
     parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON")
     parser.add_argument(
         "--only",
-        choices=("inprocess", "loopback", "handover"),
+        choices=("inprocess", "loopback", "handover", "outage"),
         action="append",
         help="parts to run",
     )
     parser.add_argument("--poll", type=float, default=0.05, help="local driver poll interval (s)")
-    parser.add_argument("--rounds", type=int, help="loopback and hand-over rounds")
+    parser.add_argument("--rounds", type=int, help="loopback, hand-over and outage rounds")
     parser.add_argument(
-        "--serve", choices=("plain", "runner", "leader", "node"), help=argparse.SUPPRESS
+        "--retry-after",
+        type=float,
+        default=0.1,
+        help="outage: the middleware's retry_after, the wait a 503 asks for (s; default 0.1)",
+    )
+    parser.add_argument(
+        "--serve", choices=("plain", "runner", "leader", "node", "outage"), help=argparse.SUPPRESS
     )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         run_server(args.serve, args.port)
         return
-    parts = args.only or ["inprocess", "loopback", "handover"]
+    parts = args.only or ["inprocess", "loopback", "handover", "outage"]
     quick = args.quick
     result: dict[str, Any] = {
         "python": platform.python_version(),
@@ -603,6 +881,10 @@ def main() -> None:
         )
     if "handover" in parts:
         result["handover"] = handover(rounds=args.rounds or (1 if quick else 5), poll=args.poll)
+    if "outage" in parts:
+        result["outage"] = outage(
+            rounds=args.rounds or (2 if quick else 10), poll=args.poll, retry_after=args.retry_after
+        )
     if args.json is None:
         print_table(result, sys.stdout)
     else:

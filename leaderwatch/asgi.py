@@ -20,7 +20,13 @@ from typing import Any, Final
 from urllib.parse import quote
 
 from leaderwatch.errors import LeaderwatchError
-from leaderwatch.hint import ENDPOINT_HEADER, EPOCH_HEADER, LeaderHint, NoLeaderYet
+from leaderwatch.hint import (
+    ENDPOINT_HEADER,
+    EPOCH_HEADER,
+    RETRY_AFTER_MS_HEADER,
+    LeaderHint,
+    NoLeaderYet,
+)
 from leaderwatch.node import LeaderNode
 from leaderwatch.redirect import Redirect
 
@@ -41,9 +47,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-RETRY_AFTER_MS_HEADER: Final = "leader-retry-after-ms"
-"""Header of a 503 carrying the retry delay in milliseconds (``Retry-After`` has whole seconds)."""
 
 WEBSOCKET_TRY_AGAIN_LATER: Final = 1013
 """The close code a websocket gets on a node that does not serve (RFC 6455 "Try Again Later")."""

@@ -64,6 +64,9 @@ from leaderwatch.errors import LeaderwatchError
 from leaderwatch.hint import (
     ENDPOINT_HEADER,
     EPOCH_HEADER,
+    HINT_TRAILER,
+    IDEMPOTENCY_KEY_HEADER,
+    TSORACLE_HINT_TRAILER,
     LeaderHint,
     MalformedHint,
     parse_epoch_decimal,
@@ -112,14 +115,9 @@ __all__ = [
 
 _log = get_logger("leaderwatch.grpc")
 
-HINT_TRAILER: Final = "leader-hint-bin"
-"""Trailer carrying the hint in binary form (:meth:`LeaderHint.to_binary`)."""
-
-TSORACLE_HINT_TRAILER: Final = "tsoracle-leader-hint-bin"
-"""The original system's trailer: the same bytes; read by the client, written on request."""
-
-IDEMPOTENCY_KEY_METADATA: Final = "idempotency-key"
-"""Metadata naming one logical call across its attempts, for the server to deduplicate."""
+IDEMPOTENCY_KEY_METADATA: Final = IDEMPOTENCY_KEY_HEADER.lower()
+"""Metadata naming one logical call across its attempts, for the server to deduplicate
+(:data:`leaderwatch.hint.IDEMPOTENCY_KEY_HEADER`, lower case as gRPC requires)."""
 
 DEFAULT_EXEMPT: Final = ("grpc.health.v1.Health",)
 """Services answered on every node by default: the standard gRPC health service."""
@@ -565,6 +563,18 @@ def _hint_of(trailers: Any) -> LeaderHint | MalformedHint | None:
     return parse_hint_headers(text) if text else None
 
 
+def _attempt_outcome(error: grpc.aio.AioRpcError) -> Outcome | None:
+    """The attempt outcome of ``error``; ``None``: raise it to the caller untouched.
+
+    A hint naming a node that said "no leader yet" during the same call is
+    judged by the plan (:class:`~leaderwatch.retry.AttemptPlan`), as for
+    every protocol.
+    """
+    if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+        return _failure_outcome(error)
+    return _precondition_outcome(error)
+
+
 def _precondition_outcome(error: grpc.aio.AioRpcError) -> Outcome:
     hint = _hint_of(error.trailing_metadata())
     if hint is None:
@@ -659,7 +669,6 @@ class LeaderUnaryUnary(_Method, Generic[_Request, _Response]):
         pool = self._pool
         metadata, plan = pool._plan(self.idempotent, timeout, metadata)
         last: list[grpc.aio.AioRpcError] = []
-        no_leader: dict[str, int | None] = {}
         step: Attempt | object = plan.start()
         while isinstance(step, Attempt):
             if step.delay > 0:
@@ -680,7 +689,7 @@ class LeaderUnaryUnary(_Method, Generic[_Request, _Response]):
                     response = await call
                 except grpc.aio.AioRpcError as error:
                     last[:] = [error]
-                    outcome = pool._outcome_of(error, step.endpoint, no_leader)
+                    outcome = _attempt_outcome(error)
                     if outcome is None:
                         plan.after(pool._served(None))
                         raise
@@ -774,7 +783,6 @@ class LeaderStreamCall(Generic[_Response]):
         metadata, plan = pool._plan(method.idempotent, self._timeout, self._metadata)
         deadline = None if self._timeout is None else pool._clock() + self._timeout
         last: list[grpc.aio.AioRpcError] = []
-        no_leader: dict[str, int | None] = {}
         step: Attempt | object = plan.start()
         while isinstance(step, Attempt):
             if step.delay > 0:
@@ -794,7 +802,7 @@ class LeaderStreamCall(Generic[_Response]):
                     outcome = TimedOut(sent=True, error=f"no message within {step.timeout:.3f} s")
             except grpc.aio.AioRpcError as error:
                 last[:] = [error]
-                outcome = pool._outcome_of(error, step.endpoint, no_leader)
+                outcome = _attempt_outcome(error)
                 if outcome is None:
                     await pool._release(pooled)
                     self._finished = True
@@ -1194,38 +1202,6 @@ class LeaderChannelPool:
         if served.epoch != epoch:
             served = self._served_last = Served(epoch=epoch)
         return served
-
-    def _outcome_of(
-        self, error: grpc.aio.AioRpcError, endpoint: str, no_leader: dict[str, int | None]
-    ) -> Outcome | None:
-        """The attempt outcome of ``error`` from ``endpoint``; ``None``: raise it untouched.
-
-        ``no_leader`` (one per call) remembers which endpoints said "no leader
-        yet" during this call, with the epoch the cache held them at. A
-        hint that names one of them again at an epoch not above that (a
-        follower still pointing at a leader that is stepping down or
-        fencing) is read as "no leader yet" too: the call backs off and
-        asks the next endpoint instead of spending a redirect on a node that
-        just refused, while a hint at a newer epoch is followed.
-        """
-        if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
-            return _failure_outcome(error)
-        outcome = _precondition_outcome(error)
-        if isinstance(outcome, NoLeader):
-            cached = self._cache.cached_leader
-            held = cached.epoch if cached is not None and cached.endpoint == endpoint else None
-            no_leader[endpoint] = held
-        elif (
-            no_leader
-            and isinstance(outcome, Redirected)
-            and isinstance(outcome.hint, LeaderHint)
-            and outcome.hint.leader_endpoint in no_leader
-        ):
-            held = no_leader[outcome.hint.leader_endpoint]
-            epoch = outcome.hint.leader_epoch
-            if held is None or epoch is None or epoch <= held:
-                return NoLeader(epoch=epoch)
-        return outcome
 
     # Channels.
 

@@ -18,6 +18,12 @@ The parsers never raise on wire input: anything malformed comes back as a
 :class:`MalformedHint` whose ``rule`` names the rule broken. They run in time
 bounded by the limits below, whatever the input size.
 
+It also names every header and trailer leaderwatch puts on the wire
+(:data:`ENDPOINT_HEADER`, :data:`EPOCH_HEADER`, :data:`RETRY_AFTER_MS_HEADER`,
+:data:`IDEMPOTENCY_KEY_HEADER`, :data:`HINT_TRAILER`,
+:data:`TSORACLE_HINT_TRAILER`): the server and client adapters of every
+protocol import them from here, so the two sides cannot drift apart.
+
 This module imports only :mod:`leaderwatch.state`, so clients can use it
 without the server side.
 """
@@ -45,10 +51,14 @@ from leaderwatch.state import (
 __all__ = [
     "ENDPOINT_HEADER",
     "EPOCH_HEADER",
+    "HINT_TRAILER",
+    "IDEMPOTENCY_KEY_HEADER",
     "MALFORMED_HINT_RULES",
     "MAX_EPOCH_DIGITS",
     "MAX_HINT_BINARY_LENGTH",
     "MAX_HINT_JSON_LENGTH",
+    "RETRY_AFTER_MS_HEADER",
+    "TSORACLE_HINT_TRAILER",
     "LeaderHint",
     "MalformedHint",
     "NoLeaderYet",
@@ -63,7 +73,23 @@ ENDPOINT_HEADER: Final = "leader-endpoint"
 """Header carrying the leader's scheme-less ``host:port``."""
 
 EPOCH_HEADER: Final = "leader-epoch"
-"""Header carrying the leader's epoch as unsigned decimal."""
+"""Header carrying the leader's epoch as unsigned decimal (also on served replies)."""
+
+RETRY_AFTER_MS_HEADER: Final = "leader-retry-after-ms"
+"""Header of a "no leader yet" ``503``: when to retry, in milliseconds (``Retry-After``
+has whole seconds only, and failovers take milliseconds)."""
+
+IDEMPOTENCY_KEY_HEADER: Final = "Idempotency-Key"
+"""Header naming one logical request across its attempts, for the server to deduplicate.
+
+Header names are case-insensitive; gRPC metadata keys must be lower case, so
+the gRPC adapter sends ``IDEMPOTENCY_KEY_HEADER.lower()``."""
+
+HINT_TRAILER: Final = "leader-hint-bin"
+"""gRPC trailer carrying the hint in binary form (:meth:`LeaderHint.to_binary`)."""
+
+TSORACLE_HINT_TRAILER: Final = "tsoracle-leader-hint-bin"
+"""The original system's gRPC trailer: the same bytes as :data:`HINT_TRAILER`."""
 
 MAX_EPOCH_DIGITS: Final = len(str(EPOCH_LIMIT - 1))
 """Longest accepted decimal epoch (39 digits: ``2**128 - 1``)."""

@@ -54,7 +54,13 @@ import anyio
 
 from leaderwatch._log import get_logger
 from leaderwatch.client import LeaderCache
-from leaderwatch.hint import EPOCH_HEADER, parse_epoch_decimal, parse_hint_headers
+from leaderwatch.hint import (
+    EPOCH_HEADER,
+    IDEMPOTENCY_KEY_HEADER,
+    RETRY_AFTER_MS_HEADER,
+    parse_epoch_decimal,
+    parse_hint_headers,
+)
 from leaderwatch.retry import (
     Attempt,
     AttemptPlan,
@@ -85,12 +91,6 @@ __all__ = [
 ]
 
 _log = get_logger("leaderwatch.httpx")
-
-RETRY_AFTER_MS_HEADER: Final = "leader-retry-after-ms"
-"""Header of a leaderwatch ``503``: when to retry, in milliseconds (finer than ``Retry-After``)."""
-
-IDEMPOTENCY_KEY_HEADER: Final = "Idempotency-Key"
-"""Header naming one logical request across its attempts, for the server to deduplicate."""
 
 IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """Methods re-sent after their bytes may have reached a server (idempotent per RFC 9110)."""

@@ -354,6 +354,15 @@ class AttemptPlan:
       → treated as this endpoint not knowing better: next endpoint.
     - ``NoLeader``: wait the larger of the jittered backoff and the
       server's retry-after, then the next endpoint.
+    - A hint naming an endpoint that answered ``NoLeader`` earlier in this
+      request, at an epoch not above the newest one known for it then (the
+      epoch its reply carried, or the cached leader's when the cache held
+      that endpoint) or without epoch, is not followed: it counts as
+      ``NoLeader`` (backoff, next endpoint; decision ``no_leader``). These
+      are followers still naming a leader that is draining or still
+      fencing; following them would spend the redirect budget bouncing
+      off a node that just refused. A hint at a newer epoch is a new term
+      and goes to ``cache.classify`` as usual.
     - ``ConnectFailed``, ``TimedOut``, ``SentButNoResponse``:
       ``cache.record_failure(endpoint)``; then the next endpoint, except
       that a request that may have reached the server (``TimedOut(sent=True)``,
@@ -378,6 +387,7 @@ class AttemptPlan:
         "_current",
         "_deadline_at",
         "_issued_at",
+        "_no_leader_at",
         "_policy",
         "_position",
         "_random",
@@ -410,6 +420,9 @@ class AttemptPlan:
         self._position = 0
         self._redirects = 0
         self._current: Attempt | None = None
+        # Endpoints that said "no leader yet" in this request -> the newest epoch known for
+        # them then (None: unknown). Created on the first such reply.
+        self._no_leader_at: dict[str, int | None] | None = None
         self._started_at = math.nan
         self._deadline_at = math.nan
         self._issued_at = math.nan
@@ -468,7 +481,8 @@ class AttemptPlan:
                 return DONE
             case Redirected(hint=hint):
                 return self._after_redirect(attempt, outcome, hint, now)
-            case NoLeader(retry_after=retry_after):
+            case NoLeader(retry_after=retry_after, epoch=epoch):
+                self._remember_no_leader(endpoint, epoch)
                 wait = self._backoff_delay()
                 detail = ""
                 if retry_after is not None and retry_after > wait:
@@ -499,9 +513,46 @@ class AttemptPlan:
             f"AttemptPlan.after() takes an attempt outcome (got {type(outcome).__name__})"
         )
 
+    def _remember_no_leader(self, endpoint: str, epoch: int | None) -> None:
+        """Note that ``endpoint`` said "no leader yet"; keep the newest epoch known for it."""
+        cached = self._cache.cached_leader
+        candidates = [epoch]
+        if cached is not None and cached.endpoint == endpoint:
+            candidates.append(cached.epoch)
+        known = self._no_leader_at
+        if known is None:
+            known = self._no_leader_at = {}
+        else:
+            candidates.append(known.get(endpoint))
+        epochs = [each for each in candidates if each is not None]
+        known[endpoint] = max(epochs) if epochs else None
+
+    def _names_a_refusing_node(self, hint: LeaderHint | MalformedHint) -> str | None:
+        """The hint's endpoint if it said "no leader yet" in this request at an epoch not below."""
+        known = self._no_leader_at
+        if known is None or type(hint) is not LeaderHint:
+            return None
+        endpoint = hint.leader_endpoint
+        if endpoint is None or endpoint not in known:
+            return None
+        held, epoch = known[endpoint], hint.leader_epoch
+        if held is None or epoch is None or epoch <= held:
+            return endpoint
+        return None
+
     def _after_redirect(
         self, attempt: Attempt, outcome: Redirected, hint: LeaderHint | MalformedHint, now: float
     ) -> Attempt | GaveUp:
+        refusing = self._names_a_refusing_node(hint)
+        if refusing is not None:
+            self._record(
+                attempt,
+                outcome,
+                "no_leader",
+                f"not followed: {refusing} said no leader yet in this request",
+                now,
+            )
+            return self._next(now, self._backoff_delay())
         match self._cache.classify(hint):
             case Follow(endpoint=leader, epoch=epoch):
                 shown = leader if epoch is None else f"{leader} at epoch {epoch}"

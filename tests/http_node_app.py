@@ -8,12 +8,20 @@ or under the plain uvicorn CLI (the node runs in the app's lifespan)::
 
     LW_DIR=/tmp/e LW_PORT=8001 python -m uvicorn --app-dir tests http_node_app:app --port 8001
 
-Environment: ``LW_DIR`` election directory (required), ``LW_PORT`` (required),
-``LW_HOST`` (127.0.0.1), ``LW_POLL`` driver poll interval (0.01 s),
-``LW_DRAIN`` drain timeout (5 s), ``LW_EVENTS`` a file that gets one JSON line
-per admitted request and per leader-job start/stop (``time.monotonic()``
-stamps, comparable across processes), ``LW_FAIL_AFTER`` seconds after which
-the driver fails (fault injection).
+Environment: ``LW_DIR`` election directory (required unless ``LW_DRIVER_URL``),
+``LW_PORT`` (required), ``LW_HOST`` (127.0.0.1), ``LW_POLL`` driver poll
+interval (0.01 s), ``LW_DRAIN`` drain timeout (5 s), ``LW_EVENTS`` a file that
+gets one JSON line per admitted request and per leader-job start/stop
+(``time.monotonic()`` stamps, comparable across processes), ``LW_FAIL_AFTER``
+seconds after which the driver fails (fault injection), ``LW_DRIVER_URL`` an
+election URL instead of the local directory (``etcd://127.0.0.1:2379/name?ttl=2``),
+``LW_TLS_CERT`` / ``LW_TLS_KEY`` PEM files to serve HTTPS.
+
+Routes: ``POST /tickets`` issues a ticket fenced by the epoch that admitted it
+(``?hold_ms=N`` keeps it admitted that long first; a repeated
+``Idempotency-Key`` gets its ticket back), ``/whoami``, ``/echo/...``,
+``/slow``; exempt: ``/healthz``, ``/stats`` (the node's stats) and
+``/leaderwatch/status`` / ``/leaderwatch/leader``.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
 
 import leaderwatch.uvicorn
-from leaderwatch import LeaderNode, LocalElectionDriver
+from leaderwatch import LeaderNode, LocalElectionDriver, driver_from_url
 from leaderwatch.asgi import LeaderRedirectMiddleware, leader_status_app
+from leaderwatch.hint import IDEMPOTENCY_KEY_HEADER
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
 
@@ -68,15 +77,26 @@ class FailingDriver(LocalElectionDriver):
         raise RuntimeError("injected driver failure (LW_FAIL_AFTER)")
 
 
-driver_class = FailingDriver if FAIL_AFTER else LocalElectionDriver
-node = LeaderNode(
-    driver_class(
+DRIVER_URL = os.environ.get("LW_DRIVER_URL")
+if DRIVER_URL:
+    driver = driver_from_url(DRIVER_URL, node_endpoint=ENDPOINT)
+else:
+    driver = (FailingDriver if FAIL_AFTER else LocalElectionDriver)(
         os.environ["LW_DIR"],
         node_endpoint=ENDPOINT,
         poll_interval=float(os.environ.get("LW_POLL", "0.01")),
-    ),
-    drain_timeout=float(os.environ.get("LW_DRAIN", "5")),
+    )
+node = LeaderNode(driver, drain_timeout=float(os.environ.get("LW_DRAIN", "5")))
+TLS = (
+    {
+        "ssl_certfile": os.environ["LW_TLS_CERT"],
+        "ssl_keyfile": os.environ["LW_TLS_KEY"],
+    }
+    if os.environ.get("LW_TLS_CERT")
+    else {}
 )
+issued: dict[str, dict[str, Any]] = {}
+"""Tickets by idempotency key (this node's memory: a real service keeps them with its writes)."""
 
 
 async def whoami(request: Request) -> JSONResponse:
@@ -101,6 +121,24 @@ async def echo(request: Request) -> JSONResponse:
             "body": body.decode("latin-1"),
         }
     )
+
+
+async def tickets(request: Request) -> JSONResponse:
+    """Issue the next ticket, stamped with the epoch that admitted the request (fencing)."""
+    started = time.monotonic()
+    epoch = request.state.leader_epoch
+    key = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+    hold_ms = int(request.query_params.get("hold_ms", "0"))
+    record("admitted", path="/tickets", epoch=epoch, t0=started, key=key, hold_ms=hold_ms)
+    if hold_ms:
+        await anyio.sleep(hold_ms / 1000)
+    ticket = issued.get(key) if key else None
+    if ticket is None:
+        ticket = {"endpoint": ENDPOINT, "epoch": epoch, "number": len(issued) + 1, "key": key}
+        issued[key or f"unkeyed-{len(issued)}"] = ticket
+    finished = time.monotonic()
+    record("request", path="/tickets", epoch=epoch, t0=started, t1=finished, key=key)
+    return JSONResponse({**ticket, "t0": started, "t1": finished})
 
 
 async def slow(request: Request) -> JSONResponse:
@@ -139,6 +177,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 app = Starlette(
     routes=[
+        Route("/tickets", tickets, methods=["POST"]),
         Route("/whoami", whoami),
         Route("/echo/{rest:path}", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         Route("/slow", slow),
@@ -156,4 +195,4 @@ app = Starlette(
 
 
 if __name__ == "__main__":
-    leaderwatch.uvicorn.serve(app, node=node, host=HOST, port=PORT, log_level="warning")
+    leaderwatch.uvicorn.serve(app, node=node, host=HOST, port=PORT, log_level="warning", **TLS)

@@ -536,6 +536,30 @@ async def test_a_dead_leader_is_not_ping_ponged() -> None:
     assert len(clock.slept) == 1  # one backoff between rounds
 
 
+async def test_a_graceful_drain_does_not_use_up_the_redirect_budget() -> None:
+    # a:1 drains (503 at its epoch) while b:1 and c:1 still name it; then b:1 takes over.
+    cluster = Cluster(
+        a_1=[Lead(5), *[Electing(epoch=5)] * 4, Points("b:1", 6)],
+        b_1=[*[Points("a:1", 5)] * 3, Lead(6)],
+        c_1=[*[Points("a:1", 5)] * 3, Points("b:1", 6)],
+    )
+    policy = FAST.model_copy(update={"max_redirects": 2})
+    transport, _ = make_async(cluster, first="a:1", policy=policy)
+    async with client(transport) as http:
+        await http.get("/")  # a:1 leads at 5
+        cluster.received.clear()
+        response = await http.post("/tickets", content=b"x")  # ... and now drains
+    # Each follower's hint back to the draining leader counted as "no leader yet", not as a
+    # redirect: with max_redirects=2 the request would otherwise have given up after two.
+    assert (response.status_code, response.json()["node"]) == (200, "b:1")
+    assert response.headers["leader-epoch"] == "6"
+    received = cluster.endpoints_received()
+    assert received.count("a:1") == 4
+    assert received.count("b:1") + received.count("c:1") >= 6
+    assert transport.cache.cached_leader == ("b:1", 6)
+    assert transport.cache.stats.gave_up == {}
+
+
 async def test_a_frozen_node_costs_one_attempt() -> None:
     cluster = Cluster(a_1=Frozen(), b_1=Lead(3), c_1=Lead(3))
     policy = FAST.model_copy(update={"attempt_timeout": 0.2})

@@ -179,6 +179,38 @@ CASES = [
         cached=("c:1", 6),
     ),
     Case(
+        "followers naming a draining leader are not followed: no redirect budget spent",
+        [
+            (NoLeader(retry_after=0.05, epoch=5), "b:1", 0.1),  # the leader is draining
+            (redirect("a:1", 5), "c:1", 0.2),  # followers still name it at its epoch
+            (redirect("a:1", None), "a:1", 0.4),  # or without epoch; new round: a:1 first
+            (redirect("b:1", 6), "b:1", 0.0),  # it resigned: the successor is followed
+            (Served(epoch=6), "done", 0.0),
+        ],
+        ["no_leader", "no_leader", "no_leader", "followed", "served"],
+        leader=("a:1", 5),
+        cached=("b:1", 6),
+        extra={"redirects": 1},
+    ),
+    Case(
+        "a node that said no leader is followed again at a newer epoch",
+        [(NoLeader(epoch=5), "b:1", 0.1), (redirect("a:1", 6), "a:1", 0.0)],
+        ["no_leader", "followed"],
+        leader=("a:1", 5),
+        cached=("a:1", 6),
+    ),
+    Case(
+        "the epoch a no-leader reply carried counts when the cache did not hold the node",
+        [
+            (NoLeader(epoch=7), "b:1", 0.1),  # a:1 is still fencing at epoch 7
+            (redirect("a:1", 7), "c:1", 0.2),
+            (redirect("a:1", 8), "a:1", 0.0),
+            (Served(epoch=8), "done", 0.0),
+        ],
+        ["no_leader", "no_leader", "followed", "served"],
+        cached=("a:1", 8),
+    ),
+    Case(
         "sent without response, safe to resend: retried elsewhere",
         [(SentButNoResponse(error="reset"), "b:1", 0.0), (Served(), "done", 0.0)],
         ["endpoint_failed", "served"],
@@ -273,6 +305,8 @@ def test_plan(case: Case) -> None:
         assert timeouts == pytest.approx(case.extra["timeouts"])
     if case.cached is not None or not case.leader:
         assert cache.cached_leader == case.cached
+    if "redirects" in case.extra:
+        assert plan.redirects == case.extra["redirects"]
 
 
 def test_give_up_message_says_what_each_attempt_got() -> None:
