@@ -849,8 +849,8 @@ def main() -> None:
     parser.add_argument(
         "--retry-after",
         type=float,
-        default=0.1,
-        help="outage: the middleware's retry_after, the wait a 503 asks for (s; default 0.1)",
+        default=0.025,
+        help="outage: the middleware's retry_after, the wait a 503 asks for (s; default 0.025)",
     )
     parser.add_argument(
         "--serve", choices=("plain", "runner", "leader", "node", "outage"), help=argparse.SUPPRESS

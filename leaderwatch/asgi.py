@@ -132,7 +132,7 @@ class LeaderRedirectMiddleware:
         *,
         node: LeaderNode,
         exempt: Iterable[str] = (),
-        retry_after: float = 0.1,
+        retry_after: float = 0.025,
         scheme: str | None = None,
     ) -> None:
         if not isinstance(node, LeaderNode):
