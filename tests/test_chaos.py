@@ -88,4 +88,4 @@ def test_seeded_chaos_runs_break_no_rule_and_leak_nothing(tmp_path: Path) -> Non
         assert len(phase["by_kind"]) >= 5, table
         assert phase["failovers"] >= 5, table
         assert phase["failover_ms"]["count"] >= 5, table
-        assert phase["transitions"] > 3 * phase["faults"], table
+        assert phase["terms"] >= phase["failovers"], table
