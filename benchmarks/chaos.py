@@ -459,6 +459,15 @@ class Phase:
                     [o.failover_s for o in chosen if o.failover_s is not None]
                 ),
             }
+        by_target: dict[str, list[int]] = {}
+        for outcome in self.outcomes:
+            target = outcome.fault.target or ""
+            if "(" in target:
+                # "m1 (raft leader)": how often a fault on that kind of target moved the leader.
+                key = f"{outcome.fault.kind} {target[target.index('(') :]}"
+                counts = by_target.setdefault(key, [0, 0])
+                counts[0] += 1
+                counts[1] += outcome.new_terms > 0
         failovers = [o.failover_s for o in self.outcomes if o.failover_s is not None]
         settled = [o.settled_s for o in self.outcomes if o.settled_s is not None]
         terms = history.leader_terms()
@@ -481,6 +490,10 @@ class Phase:
             "terms": len({(term.node, term.epoch) for term in terms}),
             "faults": len(self.outcomes),
             "by_kind": by_kind,
+            "leader_changed_by_target": {
+                key: {"faults": faults, "leader_changed": changed}
+                for key, (faults, changed) in sorted(by_target.items())
+            },
             "failovers": sum(outcome.new_terms for outcome in self.outcomes),
             "failover_ms": _summary_ms(failovers),
             "settle_ms": _summary_ms(settled),
@@ -675,7 +688,7 @@ def etcd_backend(cluster: EtcdCluster, election: str, *, ttl: int) -> Backend:
             if index is not None:
                 return index, f"{members[index].name} (raft leader)"
         index = phase.rng.randrange(len(members))
-        return index, members[index].name
+        return index, f"{members[index].name} (random member)"
 
     def member_pause(phase: Phase) -> Fault:
         index, name = target(phase)
@@ -876,6 +889,11 @@ def _table(reports: list[dict[str, Any]], seed: int, out: Any) -> None:
             f"processes started {report['processes_started']}",
             file=out,
         )
+        for key, row in report["leader_changed_by_target"].items():
+            print(
+                f"   {key}: leader changed after {row['leader_changed']} of {row['faults']}",
+                file=out,
+            )
         print(
             f"   max leader overlap: {report['max_leader_overlap_ms']} ms "
             f"(margin {report['overlap_margin_ms']} ms; {RESUME_GRACE_S * 1000:.0f} ms after "

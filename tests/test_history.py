@@ -139,7 +139,7 @@ def test_overlapping_leaders_are_caught_beyond_the_margin_only() -> None:
     assert history.check(overlap_margin=0.6).ok
     [violation] = history.check(overlap_margin=0.4).violations
     assert violation.kind == "leaders_overlap"
-    assert "0.500s" in violation.message
+    assert "both led for 500.0 ms" in violation.message
     assert [(event.node, event.t) for event in violation.events] == [
         ("a", 0.0),
         ("b", 1.5),
@@ -170,7 +170,7 @@ def test_a_frozen_leader_does_not_overlap_while_frozen_but_does_once_resumed() -
     assert frozen(resumed_reports_at=5.1).check(overlap_margin=0.2).ok
     [violation] = frozen(resumed_reports_at=6.0).check(overlap_margin=0.2).violations
     assert violation.kind == "leaders_overlap"
-    assert "1.000s" in violation.message  # [5, 6] after it resumed; not the frozen [2, 5]
+    assert "1000.0 ms" in violation.message  # [5, 6] after it resumed; not the frozen [2, 5]
     unpaused = history_of(
         (0.0, "a", Leader(epoch=1)), (2.0, "b", Leader(epoch=2)), (5.1, "a", Unknown())
     )

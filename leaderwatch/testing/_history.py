@@ -299,17 +299,15 @@ class LeadershipHistory:
         node: str,
         receiver: WatchReceiver[LeaderState],
         *,
-        endpoint: str | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Record every value ``receiver`` yields as ``node``'s, until it ends; then mark it gone.
 
         Meant for ``await task_group.start(history.watch, "a", driver.leadership())``:
         it reports started once the first value is recorded. Like any
-        subscriber it skips values replaced before it ran.
+        subscriber it skips values replaced before it ran. Declare the node's
+        endpoint with :meth:`declare`.
         """
-        if endpoint is not None:
-            self.declare(node, endpoint=endpoint)
         started = False
         try:
             async for state in receiver:
@@ -614,7 +612,11 @@ def _overlaps(
             continue
         events = [first.start_event, second.start_event]
         events += [event for event in (first.end_event, second.end_event) if event is not None]
-        shown = "for ever (still leading at the end)" if math.isinf(length) else f"{length:.3f}s"
+        shown = (
+            "for ever (still leading at the end)"
+            if math.isinf(length)
+            else f"{length * 1000:.1f} ms"
+        )
         found.append(
             (
                 "leaders_overlap",
