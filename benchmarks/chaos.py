@@ -96,6 +96,11 @@ STANDARD_FAULTS: dict[str, tuple[str, ...]] = {
         "epoch_garbage",
     ),
 }
+# Faults that break a rule until a defect of issue 11 §1 is fixed: each runs only when
+# asked for, in a phase of its own, and its violations are reported apart.
+# TODO(issue 11 §1 defect 1): once fixed, move "etcd_wipe" to STANDARD_FAULTS["etcd"] so CI
+# requires 0 violations under it (it wipes every member, so it works on 3 members too).
+# TODO(issue 11 §1 defect 3): once fixed, move "lock_delete" to STANDARD_FAULTS["local"].
 KNOWN_BROKEN: dict[str, dict[str, str]] = {
     "etcd": {
         "etcd_wipe": "issue 11 §1 defect 1: epoch reuse after etcd loses its data "
@@ -420,7 +425,10 @@ class Phase:
         while _now() - began < self.duration:
             kind = self.rng.choice(self.fault_kinds)
             before = self.leader_term()
-            if before is None and kind in ("leader_kill", "leader_pause"):
+            if before is None:
+                # Only after a stall (recorded already): give the group one more chance.
+                if not self.wait_stable(None):
+                    return
                 continue
             fault = (self.backend.faults.get(kind) or _common(kind))(self)
             outcome = Outcome(fault, before)

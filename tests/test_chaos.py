@@ -23,8 +23,7 @@ DEADLINE_S = 600
 # Known defects of issue 11 §1 that these runs must not hide:
 # TODO(issue 11 §1 defect 1, epoch reuse after etcd loses its data): the etcd_wipe fault is
 # left out here (the default fault set). Once fixed, move "etcd_wipe" from KNOWN_BROKEN to
-# STANDARD_FAULTS in benchmarks/chaos.py (its phase runs on a single-member etcd) so this
-# test requires 0 violations under it too.
+# STANDARD_FAULTS in benchmarks/chaos.py so this test requires 0 violations under it too.
 # TODO(issue 11 §1 defects 4 and 5): hints at an abandoned campaign's key are attributed to
 # these defects by benchmarks/chaos.py (etcd_backend's explain) and reported, not failed;
 # once fixed, drop that attribution so they fail this test.
