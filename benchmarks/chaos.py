@@ -69,13 +69,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+_HERE = Path(__file__).resolve().parent
+# Not this directory: benchmarks/http.py would shadow the standard library's http package.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent / "tests"))
 
-from etcd_cluster import EtcdCluster, etcd_cluster
-from nodes import NodeProcess, NodeSet, NodeTimeout
+from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: E402
+from nodes import NodeProcess, NodeSet, NodeTimeout  # noqa: E402
 
-from leaderwatch.state import Follower, Leader
-from leaderwatch.testing import Fault, HistoryViolation, LeadershipHistory
+from leaderwatch.state import Follower, Leader  # noqa: E402
+from leaderwatch.testing import Fault, HistoryViolation, LeadershipHistory  # noqa: E402
 
 STANDARD_FAULTS: dict[str, tuple[str, ...]] = {
     "etcd": (

@@ -2,6 +2,7 @@
 
     python benchmarks/failover.py --driver local --rounds 10 [--json]
     python benchmarks/failover.py --driver etcd --rounds 10 [--etcd-ttl 2]
+    python benchmarks/failover.py --driver postgres --rounds 10 [--pg-ttl 2]
 
 Each round waits for a stable group of node processes (one leader, the
 others following it), takes the leader away (``kill9``: SIGKILL, or
@@ -16,6 +17,9 @@ hand-over between ``etcdctl elect`` candidates on that server in the same
 run (``etcd-etcdctl`` row; time until the successor prints its proposal).
 ``etcdctl elect`` always uses a 60 s lease, so its kill -9 failover is not
 measured (it would take a minute per round).
+
+For PostgreSQL the script starts a throwaway server (see
+``tests/pg_server.py``); the nodes share one election row on it.
 
 Adding a driver: write a function ``(args) -> list[Row]`` and register it in
 ``DRIVERS``; a driver whose nodes run under ``leaderwatch.testing.runner``
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from etcd_server import EtcdServer, etcd_server
 from nodes import NodeProcess, NodeSet
+from pg_server import pg_server
 
 from leaderwatch.state import Leader
 
@@ -357,9 +362,43 @@ def etcd_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def postgres_rows(args: argparse.Namespace) -> list[Row]:
+    """kill -9 (target ttl + 0.5 s) and graceful hand-over (target 50 ms) rows."""
+    rows: list[Row] = []
+    ttl = args.pg_ttl
+    with pg_server() as server:
+        for scenario in args.scenario:
+            election = f"failover-{scenario}-{uuid.uuid4().hex[:8]}"
+
+            def node_args(i: int, election: str = election) -> list[str]:
+                return [
+                    "postgres",
+                    "--dsn",
+                    server.dsn,
+                    "--election",
+                    election,
+                    "--endpoint",
+                    f"127.0.0.1:{7700 + i}",
+                    "--ttl",
+                    str(ttl),
+                ]
+
+            row = measure_runner_group(
+                "postgres",
+                scenario,
+                node_args,
+                rounds=args.rounds,
+                note=f"ttl {ttl} s, {server.version()}",
+            )
+            row.target_ms = ttl * 1000 + 500 if scenario == "kill9" else 50.0
+            rows.append(row)
+    return rows
+
+
 DRIVERS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
     "local": local_rows,
     "etcd": etcd_rows,
+    "postgres": postgres_rows,
 }
 
 
@@ -385,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=0.05, help="local driver poll (s)")
     parser.add_argument("--workdir", default=None, help="where local election directories go")
     parser.add_argument("--etcd-ttl", type=int, default=2, help="etcd lease ttl of the nodes (s)")
+    parser.add_argument(
+        "--pg-ttl", type=int, default=2, help="PostgreSQL lease ttl of the nodes (s)"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")

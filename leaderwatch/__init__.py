@@ -11,7 +11,8 @@ base class, log formatting, test tools) lives in its submodule:
 ``leaderwatch.testing``. Names starting with ``_`` are private everywhere.
 
 Drivers that need an extra (``EtcdElectionDriver``: ``pip install
-'leaderwatch[etcd]'``) are imported on first use and visible to type
+'leaderwatch[etcd]'``; ``PostgresElectionDriver``: ``pip install
+'leaderwatch[postgres]'``) are imported on first use and visible to type
 checkers.
 """
 
@@ -26,9 +27,11 @@ from leaderwatch.drivers import (
     LocalElectionDriver,
     ManualDriver,
     StaticDriver,
+    driver_from_url,
 )
 from leaderwatch.errors import LeaderwatchError
 from leaderwatch.hint import LeaderHint, NoLeaderYet
+from leaderwatch.node import LeaderNode, NotLeader
 from leaderwatch.redirect import Redirect, Serve, decide
 from leaderwatch.serving import (
     BaseLeadershipHandler,
@@ -47,6 +50,7 @@ from leaderwatch.state import (
     Follower,
     InvalidEndpoint,
     InvalidEpoch,
+    InvalidLeaderState,
     Leader,
     LeaderState,
     Unknown,
@@ -55,23 +59,27 @@ from leaderwatch.state import (
     leader_state_from_json,
     parse_endpoint,
 )
-from leaderwatch.watch import EpochRegression, LeaderWatch
+from leaderwatch.watch import EpochConflict, EpochRegression, LeaderWatch
 
 if TYPE_CHECKING:
     from leaderwatch.drivers.etcd import EtcdElectionDriver as EtcdElectionDriver
+    from leaderwatch.drivers.postgres import PostgresElectionDriver as PostgresElectionDriver
 
 __all__ = [
     "BaseLeadershipHandler",
     "ChannelClosed",
     "Endpoint",
     "Epoch",
+    "EpochConflict",
     "EpochRegression",
     "Follower",
     "InvalidEndpoint",
     "InvalidEpoch",
+    "InvalidLeaderState",
     "Leader",
     "LeaderCache",
     "LeaderHint",
+    "LeaderNode",
     "LeaderState",
     "LeaderWatch",
     "LeaderWatchTask",
@@ -82,6 +90,7 @@ __all__ = [
     "LocalElectionDriver",
     "ManualDriver",
     "NoLeaderYet",
+    "NotLeader",
     "NotServing",
     "Redirect",
     "RetryBackoff",
@@ -93,13 +102,14 @@ __all__ = [
     "Unknown",
     "WatchReceiver",
     "decide",
+    "driver_from_url",
     "epoch_from_wire",
     "epoch_to_wire",
     "leader_state_from_json",
     "parse_endpoint",
 ]
 
-_LAZY_DRIVERS = frozenset({"EtcdElectionDriver"})
+_LAZY_DRIVERS = frozenset({"EtcdElectionDriver", "PostgresElectionDriver"})
 
 
 def __getattr__(name: str) -> Any:

@@ -230,6 +230,17 @@ class WatchReceiver(Generic[T]):
         self._seen = shared.version
         return shared.value
 
+    @property
+    def is_closed(self) -> bool:
+        """Whether the channel is closed for this receiver: no newer value can ever come.
+
+        True once the sender was closed or garbage-collected, or this receiver
+        was closed; it never becomes false again. The current value stays
+        readable with :meth:`borrow`, and a final value this receiver has not
+        seen is still returned by :meth:`changed` and by iteration.
+        """
+        return not self._open or self._shared.closed
+
     def has_changed(self) -> bool:
         """Whether a value newer than the last seen exists.
 

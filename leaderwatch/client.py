@@ -6,6 +6,12 @@ report, so a stale node's redirect can never walk a client backwards. It
 is thread-safe (each method holds a lock for its check-and-write and never
 blocks otherwise), so sync clients and async clients can share it.
 
+An endpoint that refused a connection or timed out is reported with
+:meth:`LeaderCache.record_failure`: for a short backoff it moves to the end
+of :meth:`~LeaderCache.worklist` and hints naming it at an epoch not above
+the one it failed at are refused, so a client stops bouncing between a dead
+leader and followers that still name it.
+
 This module imports only :mod:`leaderwatch.state` and :mod:`leaderwatch.hint`.
 """
 
@@ -21,6 +27,8 @@ from typing import Final, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
+from leaderwatch import _registry
+from leaderwatch._backoff import Backoff
 from leaderwatch._log import get_logger
 from leaderwatch._value import FrozenValue
 from leaderwatch.hint import LeaderHint, MalformedHint, NoLeaderYet
@@ -51,10 +59,14 @@ REFUSAL_REASONS: Final = (
     "epoch_below_floor",
     "epochless_hint_to_unconfigured_endpoint",
     "epochless_success_over_known_epoch",
+    "endpoint_recently_failed",
     "success_to_other_endpoint_over_epochless",
 )
 """Why :meth:`LeaderCache.compare_and_set_leader` / :meth:`~LeaderCache.record_success`
 refused an update (logged as ``leader_cache_update_refused``)."""
+
+_MAX_FAILURE_RECORDS: Final = 256
+"""Failure records kept before quiet ones are forgotten (hints can name any endpoint)."""
 
 _PLAINTEXT: Final = re.compile(r"http://", re.IGNORECASE)
 _STRIPPABLE: Final = re.compile(r"https?://", re.IGNORECASE)
@@ -76,10 +88,12 @@ class Follow(FrozenValue):
 
 
 class Rejected(FrozenValue):
-    """The hint was refused before reaching the cache (malformed, or a transport downgrade).
+    """The hint was refused: malformed, a transport downgrade, or naming a failed endpoint.
 
-    ``rule`` is a stable name (``plaintext_downgrade`` or the
-    :class:`~leaderwatch.hint.MalformedHint` rule); ``reason`` says it in words.
+    ``rule`` is a stable name: ``plaintext_downgrade``, ``endpoint_recently_failed``
+    (the hint names an endpoint in its failure backoff at an epoch not above the
+    one it failed at; see :meth:`LeaderCache.record_failure`) or the
+    :class:`~leaderwatch.hint.MalformedHint` rule; ``reason`` says it in words.
     """
 
     __match_args__ = ("reason",)
@@ -112,12 +126,29 @@ class LeaderCacheStats(BaseModel):
     """Hints rejected by :meth:`LeaderCache.classify` before the cache, by rule."""
     schemes_stripped: int
     """Wire hints whose ``https://`` (or, without TLS, ``http://``) prefix was removed."""
+    failures: int = 0
+    """Endpoint failures reported through :meth:`LeaderCache.record_failure`."""
+    moves: int = 0
+    """Times the cached leader changed: another endpoint or epoch, or one where none was fresh."""
+    gave_up: dict[str, int] = {}
+    """Logical requests given up, by reason (see :meth:`LeaderCache.record_give_up`)."""
 
 
 class _Entry(NamedTuple):
     endpoint: str
     epoch: int | None
     seated_at: float
+
+
+class _Failure:
+    """One endpoint's failure record; mutated only under the cache's lock."""
+
+    __slots__ = ("backoff", "epoch", "until")
+
+    def __init__(self, backoff: Backoff) -> None:
+        self.backoff = backoff
+        self.epoch: int | None = None
+        self.until = -math.inf
 
 
 def _checked_epoch(epoch: int | None) -> int | None:
@@ -142,22 +173,35 @@ class LeaderCache:
       an endpoint in ``endpoints``), a success report from a different
       endpoint is not;
     - always: an incoming known epoch below the floor (the highest epoch
-      accepted since the last expiry) is refused.
+      accepted since the last expiry) is refused;
+    - before all of these, a hint naming an endpoint in its failure backoff
+      (see :meth:`record_failure`) is refused unless its epoch is above the
+      epoch that endpoint failed at; a success report from it is accepted
+      and ends its backoff.
 
     ``endpoints`` (the operator's configuration) must be scheme-less
     ``host:port`` values (:class:`~leaderwatch.state.InvalidEndpoint`
-    otherwise); duplicates are dropped. ``clock`` returns seconds and is
-    only compared against itself.
+    otherwise); duplicates are dropped. ``failure_backoff`` is how long, in
+    seconds, an endpoint stays demoted after its first failure; each further
+    failure doubles it up to ``failure_backoff_max``. ``clock`` returns
+    seconds and is only compared against itself.
     """
 
     __slots__ = (
+        "__weakref__",
         "_accepted",
         "_clock",
         "_configured",
         "_endpoints",
         "_entry",
+        "_failure_backoff",
+        "_failure_backoff_max",
+        "_failure_count",
+        "_failures",
         "_floor",
+        "_gave_up",
         "_lock",
+        "_moves",
         "_offset",
         "_refused",
         "_rejected",
@@ -172,6 +216,8 @@ class LeaderCache:
         *,
         tls_required: bool = False,
         ttl: float = 30.0,
+        failure_backoff: float = 1.0,
+        failure_backoff_max: float = 8.0,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -188,6 +234,21 @@ class LeaderCache:
             raise TypeError(f"ttl must be a number of seconds (got {type(ttl).__name__})")
         if math.isnan(ttl) or ttl <= 0:
             raise ValueError(f"ttl must be a positive number of seconds (got {ttl})")
+        for name, value in (
+            ("failure_backoff", failure_backoff),
+            ("failure_backoff_max", failure_backoff_max),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"{name} must be a number of seconds (got {type(value).__name__})")
+            if not 0 < value < math.inf:
+                raise ValueError(
+                    f"{name} must be a positive, finite number of seconds (got {value})"
+                )
+        if failure_backoff_max < failure_backoff:
+            raise ValueError(
+                f"failure_backoff_max ({failure_backoff_max}) must not be below "
+                f"failure_backoff ({failure_backoff})"
+            )
         self._endpoints: tuple[str, ...] = tuple(configured)
         self._configured = frozenset(configured)
         self._tls_required = tls_required
@@ -196,11 +257,18 @@ class LeaderCache:
         self._lock = threading.Lock()
         self._entry: _Entry | None = None
         self._floor: int | None = None
+        self._failure_backoff = float(failure_backoff)
+        self._failure_backoff_max = float(failure_backoff_max)
+        self._failures: dict[str, _Failure] = {}
+        self._failure_count = 0
         self._offset = (rng if rng is not None else random.Random()).randrange(len(configured))
         self._accepted = 0
         self._refused: dict[str, int] = {}
         self._rejected: dict[str, int] = {}
         self._schemes_stripped = 0
+        self._moves = 0
+        self._gave_up: dict[str, int] = {}
+        _registry.track("client", self, ",".join(configured))
 
     @property
     def endpoints(self) -> tuple[str, ...]:
@@ -228,6 +296,9 @@ class LeaderCache:
                 refused=dict(self._refused),
                 rejected=dict(self._rejected),
                 schemes_stripped=self._schemes_stripped,
+                failures=self._failure_count,
+                moves=self._moves,
+                gave_up=dict(self._gave_up),
             )
 
     def _fresh_entry(self, now: float) -> _Entry | None:
@@ -236,6 +307,14 @@ class LeaderCache:
             return None
         return entry
 
+    def _valid(self, endpoint: str) -> str:
+        """``endpoint`` if it is valid, else raise; configured and cached ones were checked."""
+        if type(endpoint) is str:
+            entry = self._entry
+            if endpoint in self._configured or (entry is not None and endpoint == entry.endpoint):
+                return endpoint
+        return parse_endpoint(endpoint)
+
     def compare_and_set_leader(self, endpoint: str, epoch: int | None) -> bool:
         """Offer a leader hint; return whether it was accepted (the cache now holds ``endpoint``).
 
@@ -243,30 +322,104 @@ class LeaderCache:
         :class:`~leaderwatch.state.InvalidEpoch` for an invalid argument;
         wire input goes through :meth:`classify` instead.
         """
-        return self._update(parse_endpoint(endpoint), _checked_epoch(epoch), hint=True) is not None
+        seated = self._update(self._valid(endpoint), _checked_epoch(epoch), hint=True)
+        return not isinstance(seated, str)
 
     def record_success(self, endpoint: str, epoch: int | None) -> bool:
-        """Report a reply from ``endpoint`` at ``epoch``; return whether it was accepted."""
-        return self._update(parse_endpoint(endpoint), _checked_epoch(epoch), hint=False) is not None
+        """Report a reply from ``endpoint`` at ``epoch``; return whether it was accepted.
 
-    def _update(self, endpoint: str, epoch: int | None, *, hint: bool) -> _Entry | None:
+        A reply proves ``endpoint`` alive: its failure backoff, if any, ends
+        whether or not the update is accepted.
+        """
+        seated = self._update(self._valid(endpoint), _checked_epoch(epoch), hint=False)
+        return not isinstance(seated, str)
+
+    def record_failure(self, endpoint: str) -> None:
+        """Report that ``endpoint`` refused a connection, timed out or dropped a request.
+
+        For a backoff of ``failure_backoff`` seconds (doubling with each
+        further failure, up to ``failure_backoff_max``; the doubling starts
+        over once the endpoint has been quiet for ``failure_backoff_max``):
+
+        - :meth:`worklist` puts ``endpoint`` last, even when it is the cached
+          leader (the entry and its epoch stay, so stale hints stay refused);
+        - a hint naming ``endpoint`` at an epoch not above the epoch it failed
+          at (the cached leader's epoch if ``endpoint`` was the cached leader
+          at one of its failures), or without epoch, is refused with reason
+          ``endpoint_recently_failed``; a hint at a higher epoch is a new term
+          and is accepted, which ends the backoff.
+
+        A success reported for ``endpoint`` ends the backoff at once. Raises
+        :class:`~leaderwatch.state.InvalidEndpoint` for an invalid endpoint.
+        """
+        self._valid(endpoint)
+        with self._lock:
+            now = self._clock()
+            failure = self._failures.get(endpoint)
+            if failure is None or now - failure.until > self._failure_backoff_max:
+                if len(self._failures) >= _MAX_FAILURE_RECORDS:
+                    self._forget_quiet_failures(now)
+                failure = self._failures[endpoint] = _Failure(
+                    Backoff(self._failure_backoff, self._failure_backoff_max)
+                )
+            entry = self._fresh_entry(now)
+            was_leader = entry is not None and entry.endpoint == endpoint
+            cached_epoch = entry.epoch if entry is not None and was_leader else None
+            if cached_epoch is not None and (failure.epoch is None or cached_epoch > failure.epoch):
+                failure.epoch = cached_epoch
+            backoff = failure.backoff.next_delay()
+            failure.until = now + backoff
+            self._failure_count += 1
+            failed_epoch = failure.epoch
+        _log.info(
+            "leader_endpoint_failed",
+            endpoint=endpoint,
+            epoch=failed_epoch,
+            backoff_s=backoff,
+            was_cached_leader=was_leader,
+        )
+
+    def record_give_up(self, reason: str) -> None:
+        """Count one logical request given up by a client using this cache (``stats.gave_up``).
+
+        ``reason`` is a stable name (:class:`~leaderwatch.retry.AttemptPlan`
+        reports ``deadline_exceeded``, ``max_redirects_exceeded`` or
+        ``outcome_unknown``); keep the set of names small, they become metric labels.
+        """
+        with self._lock:
+            self._gave_up[reason] = self._gave_up.get(reason, 0) + 1
+
+    def _forget_quiet_failures(self, now: float) -> None:
+        horizon = self._failure_backoff_max
+        for endpoint in [e for e, f in self._failures.items() if now - f.until > horizon]:
+            del self._failures[endpoint]
+
+    def _update(self, endpoint: str, epoch: int | None, *, hint: bool) -> _Entry | str:
+        """Seat ``endpoint`` and return the new entry, or return the refusal reason."""
         with self._lock:
             now = self._clock()
             entry = self._fresh_entry(now)
-            if entry is None:
-                seated = self._entry = _Entry(endpoint, epoch, now)
-                self._floor = epoch
-                self._accepted += 1
-                return seated
-            refusal = self._refusal(entry, endpoint, epoch, hint=hint)
+            refusal = self._failure_refusal(endpoint, epoch, now, hint=hint)
             if refusal is None:
-                if endpoint == entry.endpoint and entry.epoch is not None:
-                    epoch = entry.epoch if epoch is None else max(entry.epoch, epoch)
-                seated = self._entry = _Entry(endpoint, epoch, now)
-                if epoch is not None and (self._floor is None or epoch > self._floor):
+                if entry is None:
+                    seated = self._entry = _Entry(endpoint, epoch, now)
                     self._floor = epoch
-                self._accepted += 1
-                return seated
+                    self._accepted += 1
+                    self._moves += 1
+                    self._forgive(endpoint, epoch)
+                    return seated
+                refusal = self._refusal(entry, endpoint, epoch, hint=hint)
+                if refusal is None:
+                    if endpoint == entry.endpoint and entry.epoch is not None:
+                        epoch = entry.epoch if epoch is None else max(entry.epoch, epoch)
+                    seated = self._entry = _Entry(endpoint, epoch, now)
+                    if epoch is not None and (self._floor is None or epoch > self._floor):
+                        self._floor = epoch
+                    self._accepted += 1
+                    if endpoint != entry.endpoint or epoch != entry.epoch:
+                        self._moves += 1
+                    self._forgive(endpoint, epoch)
+                    return seated
             self._refused[refusal] = self._refused.get(refusal, 0) + 1
             floor = self._floor
         _log.info(
@@ -275,11 +428,36 @@ class LeaderCache:
             source="hint" if hint else "success",
             endpoint=endpoint,
             epoch=epoch,
-            cached_endpoint=entry.endpoint,
-            cached_epoch=entry.epoch,
+            cached_endpoint=None if entry is None else entry.endpoint,
+            cached_epoch=None if entry is None else entry.epoch,
             floor=floor,
         )
+        return refusal
+
+    def _failure_refusal(
+        self, endpoint: str, epoch: int | None, now: float, *, hint: bool
+    ) -> str | None:
+        if not self._failures:
+            return None
+        failure = self._failures.get(endpoint)
+        if failure is None:
+            return None
+        if not hint:
+            del self._failures[endpoint]  # A reply proves it alive.
+            return None
+        if now < failure.until and (
+            epoch is None or (failure.epoch is not None and epoch <= failure.epoch)
+        ):
+            return "endpoint_recently_failed"
         return None
+
+    def _forgive(self, endpoint: str, epoch: int | None) -> None:
+        """A hint seated ``endpoint`` at a term newer than its failure: its backoff ends."""
+        if not self._failures or epoch is None:
+            return
+        failure = self._failures.get(endpoint)
+        if failure is not None and (failure.epoch is None or epoch > failure.epoch):
+            del self._failures[endpoint]
 
     def _refusal(
         self, entry: _Entry, endpoint: str, epoch: int | None, *, hint: bool
@@ -324,8 +502,11 @@ class LeaderCache:
           that is not a valid scheme-less endpoint: ``Rejected`` with the
           rule broken.
         - Otherwise the hint goes through :meth:`compare_and_set_leader`:
-          :class:`Follow` with the seated leader if accepted, else
-          :class:`Stale` with the hint's endpoint and epoch.
+          :class:`Follow` with the seated leader if accepted;
+          ``Rejected(rule="endpoint_recently_failed")`` if it names an
+          endpoint in its failure backoff (see :meth:`record_failure`; counted
+          under ``stats.refused``, logged as ``leader_cache_update_refused``);
+          else :class:`Stale` with the hint's endpoint and epoch.
         """
         match hint:
             case None:
@@ -350,9 +531,28 @@ class LeaderCache:
                     f"(got {type(hint).__name__})"
                 )
         seated = self._update(endpoint, epoch, hint=True)
-        if seated is None:
+        if seated == "endpoint_recently_failed":
+            return self._recently_failed(endpoint, epoch)
+        if isinstance(seated, str):
             return Stale(endpoint=endpoint, epoch=epoch)
         return Follow(endpoint=seated.endpoint, epoch=seated.epoch)
+
+    def _recently_failed(self, endpoint: str, epoch: int | None) -> Rejected:
+        """The outcome for a hint refused as ``endpoint_recently_failed`` (already counted)."""
+        with self._lock:
+            failure = self._failures.get(endpoint)
+            now = self._clock()
+        remaining = 0.0 if failure is None else max(failure.until - now, 0.0)
+        failed_epoch = None if failure is None else failure.epoch
+        shown_epoch = "unknown" if epoch is None else str(epoch)
+        at = "an unknown epoch" if failed_epoch is None else f"epoch {failed_epoch}"
+        return Rejected(
+            rule="endpoint_recently_failed",
+            reason=(
+                f"hint names {endpoint} at epoch {shown_epoch}, but {endpoint} failed at {at}; "
+                f"only a higher epoch is followed for the next {remaining:.3f} s"
+            ),
+        )
 
     def _strip_scheme(self, wire: str | None) -> str | None:
         if wire is None:
@@ -381,12 +581,24 @@ class LeaderCache:
 
         Configured endpoints come round-robin: each call starts one further
         along, from a random first offset. No endpoint appears twice.
+        Endpoints in their failure backoff (see :meth:`record_failure`),
+        the cached leader included, come last, in the same order.
         """
         with self._lock:
-            entry = self._fresh_entry(self._clock())
+            now = self._clock()
+            entry = self._fresh_entry(now)
             offset = self._offset
             self._offset = (offset + 1) % len(self._endpoints)
+            failing = (
+                frozenset(e for e, f in self._failures.items() if now < f.until)
+                if self._failures
+                else frozenset()
+            )
         rotated = self._endpoints[offset:] + self._endpoints[:offset]
         if entry is None:
-            return list(rotated)
-        return [entry.endpoint, *(e for e in rotated if e != entry.endpoint)]
+            ordered = list(rotated)
+        else:
+            ordered = [entry.endpoint, *(e for e in rotated if e != entry.endpoint)]
+        if not failing:
+            return ordered
+        return [e for e in ordered if e not in failing] + [e for e in ordered if e in failing]

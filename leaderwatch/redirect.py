@@ -46,7 +46,23 @@ def decide(
     ``self_endpoint`` must itself be a valid endpoint (raises
     :class:`~leaderwatch.state.InvalidEndpoint` otherwise), so a typo cannot
     silently let this node redirect to itself.
+
+    Called again with the very same ``serving`` and ``self_endpoint`` objects
+    (what a request handler reading ``task.current_gate`` does), it returns
+    the previous decision without building anything.
     """
+    global _last
+    last = _last
+    if last[0] is serving and last[1] is self_endpoint:
+        return last[2]
+    decision = _decide(serving, self_endpoint)
+    _last = (serving, self_endpoint, decision)
+    return decision
+
+
+def _decide(
+    serving: Serving | NotServing, self_endpoint: str | None
+) -> Serve | Redirect | NoLeaderYet:
     if self_endpoint is not None:
         parse_endpoint(self_endpoint)
     match serving:
@@ -59,3 +75,13 @@ def decide(
                 return NoLeaderYet(leader_epoch=epoch)
             return Redirect(hint=LeaderHint(leader_endpoint=endpoint, leader_epoch=epoch))
     raise TypeError(f"decide() takes Serving or NotServing (got {type(serving).__name__})")
+
+
+# The last decision and the very objects it was made from: request handlers pass the
+# same gate value (and self endpoint) again and again, and a frozen result can be shared.
+# One tuple, replaced whole, so concurrent readers never see a torn entry.
+_last: tuple[object, object, Serve | Redirect | NoLeaderYet] = (
+    object(),
+    object(),
+    NoLeaderYet(),
+)

@@ -10,16 +10,21 @@ node still leads at that epoch.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import inspect
+import itertools
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Final, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Final, Literal, NoReturn, Protocol, runtime_checkable
 
 import anyio
-from anyio.abc import TaskGroup
+import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from leaderwatch import _registry
+from leaderwatch._backoff import Backoff
 from leaderwatch._log import get_logger
 from leaderwatch._value import FrozenValue
 from leaderwatch.channel import ChannelClosed, WatchReceiver, WatchSender
@@ -28,6 +33,7 @@ from leaderwatch.state import Endpoint, Epoch, Follower, Leader, LeaderState
 
 __all__ = [
     "EVENT_NAMES",
+    "FENCE_LATENCY_BUCKETS",
     "BaseLeadershipHandler",
     "LeaderWatchTask",
     "LeaderWatchTaskStats",
@@ -53,6 +59,26 @@ EVENT_NAMES: Final = (
     "leadership_task_cancelled",
 )
 """Every log event this module emits (stable names)."""
+
+FENCE_LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""Upper bounds, in seconds, of the fence latency histogram in :class:`LeaderWatchTaskStats`."""
 
 
 class Serving(FrozenValue):
@@ -137,6 +163,10 @@ class RetryBackoff(FrozenValue):
             raise ValueError(f"maximum ({self.maximum}) must be at least initial ({self.initial})")
         return self
 
+    def backoff(self) -> Backoff:
+        """A fresh series of these delays, starting at ``initial``."""
+        return Backoff(self.initial, self.maximum, self.multiplier)
+
 
 class LeaderWatchTaskStats(BaseModel):
     """What a :class:`LeaderWatchTask` did, as a snapshot."""
@@ -157,6 +187,17 @@ class LeaderWatchTaskStats(BaseModel):
     """Seconds from ``Leader`` observed to ``Serving`` published, last fence."""
     max_fence_latency: float | None
     """The largest fence latency seen."""
+    fence_latency_sum: float = 0.0
+    """Seconds of all completed fences added up (over ``fences_completed``: the mean)."""
+    fence_latency_buckets: tuple[int, ...] = ()
+    """Completed fences at most as slow as each bound of :data:`FENCE_LATENCY_BUCKETS`.
+
+    Cumulative, one count per bound (a Prometheus histogram's buckets; the
+    ``+Inf`` bucket is ``fences_completed``).
+    """
+
+
+_NOT_SERVING: Final = NotServing()
 
 
 def _closed_gate(state: LeaderState) -> NotServing:
@@ -171,6 +212,91 @@ def _closed_gate(state: LeaderState) -> NotServing:
 
 def _as_log(value: BaseModel) -> dict[str, Any]:
     return value.model_dump(mode="json")
+
+
+async def _call_once(call: Callable[[], Awaitable[None]]) -> None:
+    """Await ``call``; an exception group holding only transient errors is raised as one."""
+    try:
+        await call()
+    except ExceptionGroup as group:
+        # A handler with its own task group: transient only if every error is.
+        transient, other = group.split(TransientLeadershipError)
+        if transient is None or other is not None:
+            raise
+        raise TransientLeadershipError(str(group)) from group
+
+
+class _RetryTracker:
+    """Delays, logs and counts for the handler calls of one task, one call at a time.
+
+    :meth:`start` begins a call; each :meth:`transient_failure` logs
+    ``leadership_handler_retrying`` (and ``leadership_handler_retry_stuck``
+    every ``stuck_warning_interval`` while the call keeps failing) and
+    returns the delay before the next attempt; :meth:`failure` logs
+    ``leadership_handler_failed``. :attr:`retries` and :attr:`failures`
+    count across calls.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_backoff",
+        "_clock",
+        "_first_failure",
+        "_handler",
+        "_next_warning",
+        "_settings",
+        "failures",
+        "retries",
+    )
+
+    def __init__(self, settings: RetryBackoff, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._backoff = settings.backoff()
+        self._first_failure = 0.0
+        self.retries = 0
+        self.failures = 0
+        self.start("")
+
+    def start(self, handler: str) -> None:
+        """A call of ``handler`` begins: its delays start again at ``initial``."""
+        self._handler = handler
+        self._attempts = 0
+        self._next_warning = self._settings.stuck_warning_interval
+        self._backoff.reset()
+
+    def transient_failure(self, error: TransientLeadershipError) -> float:
+        """Count and log one transient failure; return the seconds to wait before retrying."""
+        self._attempts += 1
+        self.retries += 1
+        now = self._clock()
+        if self._attempts == 1:
+            self._first_failure = now
+        elapsed = now - self._first_failure
+        delay = self._backoff.next_delay()
+        _log.info(
+            "leadership_handler_retrying",
+            handler=self._handler,
+            attempt=self._attempts,
+            delay_s=delay,
+            error=repr(error),
+        )
+        if elapsed >= self._next_warning:
+            interval = self._settings.stuck_warning_interval
+            self._next_warning = (math.floor(elapsed / interval) + 1) * interval
+            _log.warning(
+                "leadership_handler_retry_stuck",
+                handler=self._handler,
+                attempts=self._attempts,
+                elapsed_s=elapsed,
+                error=repr(error),
+            )
+        return delay
+
+    def failure(self, error: Exception) -> None:
+        """Count and log a failure that is not retried."""
+        self.failures += 1
+        _log.error("leadership_handler_failed", handler=self._handler, error=repr(error))
 
 
 class LeaderWatchTask:
@@ -194,12 +320,17 @@ class LeaderWatchTask:
       (:class:`LeadershipStreamClosed`) and cancellation all set the gate to
       ``NotServing()`` before they propagate out of :meth:`run`; no task is
       left running. The gate stays ``NotServing()`` afterwards.
+
+    ``node_id``, when given, names the node this task serves for in metrics
+    (:mod:`leaderwatch.prometheus`).
     """
 
     __slots__ = (
-        "_backoff",
+        "__weakref__",
         "_clock",
-        "_failures",
+        "_closed_view",
+        "_fence_buckets",
+        "_fence_latency_sum",
         "_fences_completed",
         "_fences_superseded",
         "_gate",
@@ -207,9 +338,9 @@ class LeaderWatchTask:
         "_last_fence_latency",
         "_leadership",
         "_max_fence_latency",
-        "_retries",
+        "_node_id",
+        "_retry",
         "_running",
-        "_stream_closed",
         "_transitions",
     )
 
@@ -220,6 +351,7 @@ class LeaderWatchTask:
         *,
         retry_backoff: RetryBackoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        node_id: str | None = None,
     ) -> None:
         if not isinstance(leadership, WatchReceiver):
             raise TypeError(
@@ -238,18 +370,28 @@ class LeaderWatchTask:
         # in must not be able to mark a transition seen before the task does.
         self._leadership = leadership.clone()
         self._handler = handler
-        self._backoff = RetryBackoff() if retry_backoff is None else retry_backoff
+        self._retry = _RetryTracker(
+            RetryBackoff() if retry_backoff is None else retry_backoff, clock
+        )
         self._clock = clock
         self._gate: WatchSender[Serving | NotServing] = WatchSender(NotServing())
+        # current_gate's closed value for the leadership value it was built from (by identity).
+        self._closed_view: tuple[object, NotServing] = (None, _NOT_SERVING)
         self._running = False
-        self._stream_closed = False
         self._transitions = 0
         self._fences_completed = 0
         self._fences_superseded = 0
-        self._retries = 0
-        self._failures = 0
         self._last_fence_latency: float | None = None
         self._max_fence_latency: float | None = None
+        self._fence_latency_sum = 0.0
+        self._fence_buckets = [0] * len(FENCE_LATENCY_BUCKETS)
+        self._node_id = node_id
+        _registry.track("task", self, "task" if node_id is None else node_id)
+
+    @property
+    def node_id(self) -> str | None:
+        """The node this task serves for, if it was given (it names the task in metrics)."""
+        return self._node_id
 
     @property
     def serving(self) -> WatchReceiver[Serving | NotServing]:
@@ -268,19 +410,16 @@ class LeaderWatchTask:
         """
         gate = self._gate.borrow()
         if isinstance(gate, Serving):
-            if not self._stream_open():
-                return NotServing()
+            if self._leadership.is_closed:
+                return _NOT_SERVING
             leadership = self._leadership.borrow()
-            if leadership != Leader(epoch=gate.epoch):
-                return _closed_gate(leadership)
+            # Same test as ``leadership != Leader(epoch=gate.epoch)``, without building a value.
+            if type(leadership) is not Leader or leadership.epoch != gate.epoch:
+                closed = self._closed_view
+                if closed[0] is not leadership:
+                    closed = self._closed_view = (leadership, _closed_gate(leadership))
+                return closed[1]
         return gate
-
-    def _stream_open(self) -> bool:
-        try:
-            self._leadership.has_changed()
-        except ChannelClosed:
-            return False
-        return True
 
     @property
     def stats(self) -> LeaderWatchTaskStats:
@@ -289,10 +428,12 @@ class LeaderWatchTask:
             transitions_handled=self._transitions,
             fences_completed=self._fences_completed,
             fences_superseded=self._fences_superseded,
-            retries=self._retries,
-            failures=self._failures,
+            retries=self._retry.retries,
+            failures=self._retry.failures,
             last_fence_latency=self._last_fence_latency,
             max_fence_latency=self._max_fence_latency,
+            fence_latency_sum=self._fence_latency_sum,
+            fence_latency_buckets=tuple(itertools.accumulate(self._fence_buckets)),
         )
 
     def _set_gate(self, value: Serving | NotServing) -> None:
@@ -310,144 +451,119 @@ class LeaderWatchTask:
         if self._running:
             raise RuntimeError("LeaderWatchTask.run() is already running; run it once at a time")
         self._running = True
-        self._stream_closed = False
-        failure: Exception | None = None
         try:
-            async with anyio.create_task_group() as tg:
-                try:
-                    await self._follow(tg)
-                except Exception as exc:
-                    self._set_gate(NotServing())
-                    failure = exc
-                    tg.cancel_scope.cancel()
-                except BaseException:
-                    self._set_gate(NotServing())
-                    _log.info("leadership_task_cancelled")
-                    raise
-        finally:
+            await self._follow()
+        except BaseException as stop:
             self._set_gate(NotServing())
+            if not isinstance(stop, Exception):
+                _log.info("leadership_task_cancelled")
+            raise
+        finally:
             self._running = False
+
+    async def _follow(self) -> NoReturn:
+        """Handle the newest leadership value, each until the next one, until the stream closes."""
+        leadership = self._leadership
+        # Never act on what a driver that is gone said last.
+        while not leadership.is_closed:
+            state = leadership.borrow_and_update()
+            self._transitions += 1
+            self._set_gate(_closed_gate(state))
+            await self._until_changed(state, functools.partial(self._handle, state))
+        _log.warning("leadership_stream_closed")
+        raise LeadershipStreamClosed(
+            "the leadership channel closed (its driver is gone); the gate is closed"
+        )
+
+    async def _until_changed(
+        self, handled: LeaderState, call: Callable[[anyio.CancelScope], Awaitable[None]]
+    ) -> None:
+        """Run ``call(scope)`` and return once the leadership differs from ``handled``.
+
+        At that moment (or when the stream closes) the gate is closed for the
+        newer value (``NotServing()`` on close) and ``scope``, the cancel
+        scope ``call`` runs in, is cancelled: ``call`` ends if it still runs,
+        and ``scope.cancel_called`` tells it that ``handled`` was superseded.
+        An exception raised by ``call`` propagates at once, as itself.
+        """
+        failure: Exception | None = None
+        async with anyio.create_task_group() as watcher:
+            with anyio.CancelScope() as scope:
+                watcher.start_soon(self._close_gate_on_change, handled, scope)
+                try:
+                    await call(scope)
+                except Exception as error:
+                    failure = error
+                    watcher.cancel_scope.cancel()
         if failure is not None:
             raise failure
+        # The change may have come together with a cancellation: it wins over the next value.
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
-    async def _follow(self, tg: TaskGroup) -> None:
-        leadership = self._leadership
-        while True:
-            if not self._stream_open():
-                # Never act on what a driver that is gone said last.
-                self._stream_closed = True
-            else:
-                state = leadership.borrow_and_update()
-                with anyio.CancelScope() as scope:
-                    tg.start_soon(self._cancel_on_change, state, scope)
-                    await self._handle(state, scope)
-                    await anyio.sleep_forever()
-            if self._stream_closed:
-                _log.warning("leadership_stream_closed")
-                raise LeadershipStreamClosed(
-                    "the leadership channel closed (its driver is gone); the gate is closed"
-                )
-
-    async def _cancel_on_change(self, handled: LeaderState, scope: anyio.CancelScope) -> None:
-        leadership = self._leadership
-        while True:
-            try:
-                await leadership.changed()
-            except ChannelClosed:
-                self._stream_closed = True
-                self._set_gate(NotServing())
-                scope.cancel()
-                return
-            newest = leadership.borrow()
-            if newest != handled:
-                self._set_gate(_closed_gate(newest))
-                scope.cancel()
-                return
+    async def _close_gate_on_change(self, handled: LeaderState, scope: anyio.CancelScope) -> None:
+        try:
+            newest = await self._leadership.wait_for(lambda value: value != handled)
+        except ChannelClosed:
+            self._set_gate(NotServing())
+        else:
+            self._set_gate(_closed_gate(newest))
+        scope.cancel()
 
     async def _handle(self, state: LeaderState, scope: anyio.CancelScope) -> None:
-        self._transitions += 1
         handler = self._handler
         match state:
-            case Leader(epoch=epoch):
-                observed = self._clock()
-                self._set_gate(_closed_gate(state))
-                try:
-                    await self._call("on_leader", lambda: handler.on_leader(epoch))
-                except anyio.get_cancelled_exc_class():
-                    if scope.cancel_called:
-                        self._fence_superseded(epoch)
-                    raise
-                if (
-                    scope.cancel_called
-                    or self._leadership.borrow() != state
-                    or not self._stream_open()
-                ):
-                    self._fence_superseded(epoch)
-                    return
-                self._set_gate(Serving(epoch=epoch))
-                latency = max(0.0, self._clock() - observed)
-                self._fences_completed += 1
-                self._last_fence_latency = latency
-                if self._max_fence_latency is None or latency > self._max_fence_latency:
-                    self._max_fence_latency = latency
-                _log.info("leadership_fence_completed", epoch=epoch, latency_s=latency)
+            case Leader():
+                await self._fence(state, scope)
             case Follower(leader_endpoint=endpoint, leader_epoch=leader_epoch):
-                self._set_gate(_closed_gate(state))
                 await self._call("on_follower", lambda: handler.on_follower(endpoint, leader_epoch))
             case _:
-                self._set_gate(NotServing())
                 await self._call("on_unknown", handler.on_unknown)
+
+    async def _fence(self, state: Leader, scope: anyio.CancelScope) -> None:
+        """Await ``on_leader``; open the gate only if ``state`` is still current when it returns."""
+        epoch = state.epoch
+        observed = self._clock()
+        try:
+            await self._call("on_leader", lambda: self._handler.on_leader(epoch))
+        except anyio.get_cancelled_exc_class():
+            if scope.cancel_called:
+                self._fence_superseded(epoch)
+            raise
+        leadership = self._leadership
+        if scope.cancel_called or leadership.is_closed or leadership.borrow() != state:
+            self._fence_superseded(epoch)
+            return
+        self._set_gate(Serving(epoch=epoch))
+        latency = max(0.0, self._clock() - observed)
+        self._fences_completed += 1
+        self._last_fence_latency = latency
+        if self._max_fence_latency is None or latency > self._max_fence_latency:
+            self._max_fence_latency = latency
+        self._fence_latency_sum += latency
+        bucket = bisect.bisect_left(FENCE_LATENCY_BUCKETS, latency)
+        if bucket < len(self._fence_buckets):
+            self._fence_buckets[bucket] += 1
+        _log.info("leadership_fence_completed", epoch=epoch, latency_s=latency)
 
     def _fence_superseded(self, epoch: int) -> None:
         self._fences_superseded += 1
         _log.info("leadership_fence_superseded", epoch=epoch)
 
     async def _call(self, name: str, call: Callable[[], Awaitable[None]]) -> None:
-        backoff = self._backoff
-        delay = backoff.initial
-        attempts = 0
-        first_failure = 0.0
-        next_warning = backoff.stuck_warning_interval
+        """Await ``call`` until it succeeds, retrying transient errors after a backoff delay.
+
+        Any other exception closes the gate, is logged and propagates.
+        """
+        retry = self._retry
+        retry.start(name)
         while True:
             try:
-                try:
-                    await call()
-                    return
-                except ExceptionGroup as group:
-                    # A handler with its own task group: transient only if every error is.
-                    transient, other = group.split(TransientLeadershipError)
-                    if transient is None or other is not None:
-                        raise
-                    raise TransientLeadershipError(str(group)) from group
-            except TransientLeadershipError as exc:
-                attempts += 1
-                self._retries += 1
-                now = self._clock()
-                if attempts == 1:
-                    first_failure = now
-                elapsed = now - first_failure
-                _log.info(
-                    "leadership_handler_retrying",
-                    handler=name,
-                    attempt=attempts,
-                    delay_s=delay,
-                    error=repr(exc),
-                )
-                if elapsed >= next_warning:
-                    next_warning = (
-                        math.floor(elapsed / backoff.stuck_warning_interval) + 1
-                    ) * backoff.stuck_warning_interval
-                    _log.warning(
-                        "leadership_handler_retry_stuck",
-                        handler=name,
-                        attempts=attempts,
-                        elapsed_s=elapsed,
-                        error=repr(exc),
-                    )
-            except Exception as exc:
-                self._failures += 1
+                await _call_once(call)
+                return
+            except TransientLeadershipError as error:
+                delay = retry.transient_failure(error)
+            except Exception as error:
                 self._set_gate(NotServing())
-                _log.error("leadership_handler_failed", handler=name, error=repr(exc))
+                retry.failure(error)
                 raise
             await anyio.sleep(delay)
-            delay = min(delay * backoff.multiplier, backoff.maximum)

@@ -8,6 +8,7 @@ matches with ``match`` keyword patterns, and round-trips through JSON with a
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from typing import Annotated, Final, Literal
 
@@ -16,7 +17,9 @@ from pydantic import (
     Field,
     Strict,
     TypeAdapter,
+    ValidationError,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from leaderwatch._value import FrozenValue
 from leaderwatch.errors import LeaderwatchError
@@ -24,11 +27,13 @@ from leaderwatch.errors import LeaderwatchError
 __all__ = [
     "EPOCH_LIMIT",
     "MAX_ENDPOINT_LENGTH",
+    "MAX_LEADER_STATE_JSON_LENGTH",
     "Endpoint",
     "Epoch",
     "Follower",
     "InvalidEndpoint",
     "InvalidEpoch",
+    "InvalidLeaderState",
     "Leader",
     "LeaderState",
     "Unknown",
@@ -53,7 +58,17 @@ _MAX_DNS_NAME: Final = 253
 _DNS_LABEL: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _PORT: Final = re.compile(r"[1-9][0-9]{0,4}")
 _SCHEME: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
-_DOTTED_NUMERIC: Final = re.compile(r"[0-9.]+")
+# What WHATWG URL parsers (browsers, and the HTTP stacks that follow them) take
+# for a number: a host whose last label is one is parsed as an IPv4 address.
+_IPV4_NUMBER: Final = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+_SHOWN_INT_BITS: Final = 256
+
+MAX_LEADER_STATE_JSON_LENGTH: Final = 1024
+"""Longest accepted JSON form of a leadership value, in characters (or bytes).
+
+The longest value ``model_dump_json()`` writes (a follower with a 259-character
+endpoint and a 39-digit epoch) is under 350 characters.
+"""
 
 
 class InvalidEndpoint(LeaderwatchError, ValueError):
@@ -64,8 +79,27 @@ class InvalidEpoch(LeaderwatchError, ValueError):
     """An epoch (or one of its wire halves) is outside its range."""
 
 
+class InvalidLeaderState(LeaderwatchError, ValidationError):
+    """The JSON form of a leadership value is refused; ``errors()`` names each rule broken.
+
+    It is also a ``pydantic.ValidationError`` (hence a ``ValueError``), so
+    handlers written for pydantic's error keep working. Rules of its own:
+    ``json_too_long`` (over :data:`MAX_LEADER_STATE_JSON_LENGTH`),
+    ``json_duplicate_field`` (a key repeated in any object), ``json_type`` (not
+    ``str`` or ``bytes``); every other error type is pydantic's.
+    """
+
+
 def _shown(text: str) -> str:
     return repr(text) if len(text) <= 80 else repr(text[:77]) + "..."
+
+
+def _shown_int(value: int) -> str:
+    # str() of a huge int is slow, and refused past 4300 digits: show its size instead.
+    bits = value.bit_length()
+    if bits <= _SHOWN_INT_BITS:
+        return str(value)
+    return f"{'a negative' if value < 0 else 'an'} integer of {bits} bits"
 
 
 def parse_endpoint(text: str) -> str:
@@ -150,13 +184,16 @@ def _split_host_port(text: str) -> tuple[str, str]:
 def _check_host(host: str, text: str) -> None:
     if not host:
         raise InvalidEndpoint(f"endpoint host must not be empty (got {_shown(text)})")
-    if _DOTTED_NUMERIC.fullmatch(host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
+    labels = host.split(".")
+    last = labels[-2] if len(labels) > 1 and not labels[-1] else labels[-1]
+    if _IPV4_NUMBER.fullmatch(last):
+        if not _is_canonical_ipv4(host):
             raise InvalidEndpoint(
-                f"endpoint host is not a valid IPv4 address (got {_shown(text)})"
-            ) from None
+                "endpoint host ends in a number, so URL parsers read it as an IPv4 address: "
+                "write it as a canonical dotted-quad IPv4 address (four decimal numbers "
+                "0-255 without leading zeros or trailing dot, e.g. '127.0.0.1') "
+                f"(got {_shown(text)})"
+            )
         return
     if len(host) > _MAX_DNS_NAME:
         raise InvalidEndpoint(
@@ -168,6 +205,13 @@ def _check_host(host: str, text: str) -> None:
                 "endpoint host must be a DNS name of labels of 1-63 letters, digits, "
                 f"'-' or '_', not starting or ending with '-' (got {_shown(text)})"
             )
+
+
+def _is_canonical_ipv4(host: str) -> bool:
+    try:
+        return str(ipaddress.IPv4Address(host)) == host
+    except ValueError:
+        return False
 
 
 def _check_port(port: str, text: str) -> None:
@@ -185,9 +229,10 @@ def _check_port(port: str, text: str) -> None:
 def same_endpoint(first: str, second: str) -> bool:
     """Whether two valid endpoints name the same host and port.
 
-    DNS names compare case-insensitively and IPv6 addresses by value
-    (``[0:0::1]:9000`` is ``[::1]:9000``). Raises :class:`InvalidEndpoint`
-    if either is not a valid endpoint.
+    DNS names compare case-insensitively, IPv6 addresses by value
+    (``[0:0::1]:9000`` is ``[::1]:9000``) and an IPv4-mapped IPv6 address as
+    its IPv4 address (``[::ffff:127.0.0.1]:9000`` is ``127.0.0.1:9000``).
+    Raises :class:`InvalidEndpoint` if either is not a valid endpoint.
     """
     return _canonical(parse_endpoint(first)) == _canonical(parse_endpoint(second))
 
@@ -195,7 +240,9 @@ def same_endpoint(first: str, second: str) -> bool:
 def _canonical(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     if host.startswith("["):
-        return ipaddress.IPv6Address(host[1:-1]).compressed, int(port)
+        address = ipaddress.IPv6Address(host[1:-1])
+        mapped = address.ipv4_mapped
+        return (address.compressed if mapped is None else str(mapped)), int(port)
     return host.lower(), int(port)
 
 
@@ -211,7 +258,7 @@ def check_epoch(epoch: int) -> int:
     if isinstance(epoch, bool) or not isinstance(epoch, int):
         raise InvalidEpoch(f"epoch must be an int (got {type(epoch).__name__})")
     if not 0 <= epoch < EPOCH_LIMIT:
-        raise InvalidEpoch(f"epoch must be in [0, 2**128) (got {epoch})")
+        raise InvalidEpoch(f"epoch must be in [0, 2**128) (got {_shown_int(epoch)})")
     return epoch
 
 
@@ -230,7 +277,7 @@ def epoch_from_wire(hi: int, lo: int) -> int:
         if isinstance(half, bool) or not isinstance(half, int):
             raise InvalidEpoch(f"epoch half {name} must be an int (got {type(half).__name__})")
         if not 0 <= half < _HALF:
-            raise InvalidEpoch(f"epoch half {name} must be in [0, 2**64) (got {half})")
+            raise InvalidEpoch(f"epoch half {name} must be in [0, 2**64) (got {_shown_int(half)})")
     return (hi << 64) | lo
 
 
@@ -271,10 +318,79 @@ _STATE_ADAPTER: TypeAdapter[Leader | Follower | Unknown] = TypeAdapter(LeaderSta
 def leader_state_from_json(text: str | bytes) -> Leader | Follower | Unknown:
     """Parse the JSON form written by ``model_dump_json()``.
 
-    Raises ``pydantic.ValidationError`` for malformed JSON, an unknown
-    ``kind``, extra fields, or a field that breaks its rule.
+    Raises :class:`InvalidLeaderState` (a ``pydantic.ValidationError``) for
+    input longer than :data:`MAX_LEADER_STATE_JSON_LENGTH` (checked before
+    anything is parsed), a key repeated in any object, malformed JSON, an
+    unknown ``kind``, extra fields, or a field that breaks its rule. Runs in
+    time bounded by that length, whatever the input size.
     """
-    return _STATE_ADAPTER.validate_json(text)
+    if not isinstance(text, str | bytes | bytearray):
+        raise _invalid_state(
+            "json_type",
+            f"leader state JSON must be str or bytes (got {type(text).__name__})",
+            type(text).__name__,
+        )
+    if len(text) > MAX_LEADER_STATE_JSON_LENGTH:
+        raise _invalid_state(
+            "json_too_long",
+            f"leader state JSON has {len(text)} characters; at most "
+            f"{MAX_LEADER_STATE_JSON_LENGTH} (model_dump_json() writes far fewer): "
+            "this is not a leadership value",
+            text[:40],
+        )
+    duplicate = _repeated_key(text)
+    if duplicate is not None:
+        raise _invalid_state(
+            "json_duplicate_field",
+            f"leader state JSON repeats field {_shown(duplicate)}: "
+            "each field must appear once, as model_dump_json() writes it",
+            text,
+        )
+    try:
+        return _STATE_ADAPTER.validate_json(text)
+    except ValidationError as error:
+        raise InvalidLeaderState.from_exception_data(
+            "LeaderState",
+            [
+                InitErrorDetails(
+                    type=PydanticCustomError(line["type"], line["msg"]),
+                    loc=line["loc"],
+                    input=line["input"],
+                )
+                for line in error.errors(include_url=False)
+            ],
+            input_type="json",
+        ) from None
+
+
+def _invalid_state(rule: str, message: str, shown: object) -> InvalidLeaderState:
+    return InvalidLeaderState.from_exception_data(
+        "LeaderState",
+        [InitErrorDetails(type=PydanticCustomError(rule, message), loc=(), input=shown)],
+        input_type="json",
+    )
+
+
+def _repeated_key(text: str | bytes | bytearray) -> str | None:
+    """The first key repeated in any object of ``text``; ``None`` if none is (or if not JSON)."""
+    repeated: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        document = dict(pairs)
+        if len(document) != len(pairs) and not repeated:
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    repeated.append(key)
+                    break
+                seen.add(key)
+        return document
+
+    try:
+        json.loads(text, object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError):
+        return None  # Not JSON: the validator names the fault.
+    return repeated[0] if repeated else None
 
 
 def observed_epoch(state: Leader | Follower | Unknown) -> int | None:

@@ -1,8 +1,9 @@
 """Shared test configuration.
 
 Every anyio test runs on asyncio and on trio unless its module says
-otherwise. The etcd tests share one real etcd server per session; a missing
-etcd binary fails them, it never skips them.
+otherwise. The etcd tests share one real etcd server per session, the
+PostgreSQL tests one real PostgreSQL server; a missing binary fails them, it
+never skips them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ from collections.abc import Iterator
 
 import pytest
 from etcd_server import EtcdNotFound, EtcdServer, etcd_server, find_etcd
+from pg_server import PostgresNotFound, PostgresServer, find_pg_bin, pg_server
+
+SUMMARY_LINES = pytest.StashKey[list[str]]()
+"""Lines a test module adds to the terminal summary (the fuzz module's case count)."""
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in terminalreporter.config.stash.get(SUMMARY_LINES, []):
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -25,4 +35,14 @@ def etcd() -> Iterator[EtcdServer]:
     except EtcdNotFound as error:
         pytest.fail(f"these tests need a real etcd server: {error}")
     with etcd_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    try:
+        find_pg_bin()
+    except PostgresNotFound as error:
+        pytest.fail(f"these tests need a real PostgreSQL server: {error}")
+    with pg_server() as server:
         yield server

@@ -181,6 +181,61 @@ async def test_closing_either_end_wakes_a_waiter_with_channel_closed(closing: st
     assert outcome == ["closed"]
 
 
+async def test_receiver_is_closed_once_sender_closes_yet_keeps_its_final_value() -> None:
+    tx, rx = watch_channel(0)
+    other = tx.subscribe()
+    assert not rx.is_closed
+    tx.send(1)
+    assert not rx.is_closed
+    tx.close()
+    assert rx.is_closed
+    assert other.is_closed
+    assert rx.borrow() == 1
+    with anyio.fail_after(1):
+        await rx.changed()  # the unseen final value is still delivered
+    assert rx.is_closed
+    with pytest.raises(ChannelClosed), anyio.fail_after(1):
+        await rx.changed()
+
+
+async def test_receiver_is_closed_once_itself_closed_and_others_are_not() -> None:
+    tx, rx = watch_channel(0)
+    other = tx.subscribe()
+    rx.close()
+    assert rx.is_closed
+    assert not other.is_closed
+    assert not tx.is_closed
+    tx.send(1)
+    assert not other.is_closed
+    assert rx.borrow() == 1
+
+
+async def test_receiver_is_closed_once_the_sender_is_dropped() -> None:
+    tx, rx = watch_channel(0)
+    assert not rx.is_closed
+    del tx
+    gc.collect()
+    assert rx.is_closed
+
+
+async def test_a_waiter_sees_is_closed_when_woken_by_the_close() -> None:
+    tx, rx = watch_channel(0)
+    observed: list[bool] = []
+
+    async def waiter() -> None:
+        with pytest.raises(ChannelClosed):
+            await rx.changed()
+        observed.append(rx.is_closed)
+
+    with anyio.fail_after(1):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            assert not rx.is_closed
+            tx.close()
+    assert observed == [True]
+
+
 async def test_close_is_idempotent_and_send_after_close_raises() -> None:
     tx, _rx = watch_channel(0)
     assert not tx.is_closed

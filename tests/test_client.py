@@ -247,6 +247,16 @@ def test_arguments_are_validated() -> None:
     assert cache.cached_leader is None
 
 
+@pytest.mark.parametrize("epoch", [10**5000, -(10**5000)], ids=["huge", "huge-negative"])
+def test_a_huge_integer_epoch_is_invalid_epoch_not_a_bare_value_error(epoch: int) -> None:
+    cache, _ = make_cache()
+    for call in (cache.compare_and_set_leader, cache.record_success):
+        with pytest.raises(InvalidEpoch, match="bits") as raised:
+            call("a:1", epoch)
+        assert len(str(raised.value)) < 200
+    assert cache.cached_leader is None
+
+
 def test_construction_validates_configured_endpoints() -> None:
     with pytest.raises(InvalidEndpoint, match="scheme"):
         LeaderCache(["a:1", "https://b:1"])
@@ -445,6 +455,158 @@ def test_worklist_puts_the_fresh_cached_leader_first(leader: str) -> None:
     assert sorted(cache.worklist()) == sorted(CONFIGURED)
 
 
+# --- record_failure ---------------------------------------------------------------------------
+
+
+def test_failed_cached_leader_is_no_longer_first_until_its_backoff_ends() -> None:
+    cache, clock = make_cache()
+    cache.compare_and_set_leader("b:1", 5)
+    cache.record_failure("b:1")
+    for _ in range(3):
+        worklist = cache.worklist()
+        assert worklist[-1] == "b:1"
+        assert sorted(worklist) == sorted(CONFIGURED)
+    assert cache.cached_leader == ("b:1", 5)  # the entry (and its epoch) stays
+    clock.now += 1.0  # the default failure_backoff
+    assert cache.worklist()[0] == "b:1"
+
+
+def test_failed_configured_endpoint_goes_last_and_order_is_otherwise_kept() -> None:
+    cache, _ = make_cache()
+    cache.record_failure("a:1")
+    for _ in range(3):
+        worklist = cache.worklist()
+        assert worklist[-1] == "a:1"
+        assert len(worklist) == len(set(worklist)) == 3
+
+
+def test_hints_naming_a_failed_endpoint_are_refused_until_a_higher_epoch() -> None:
+    cache, clock = make_cache()
+    cache.compare_and_set_leader("a:1", 5)
+    cache.record_failure("a:1")
+    with capture_events() as logs:
+        refused = cache.classify(LeaderHint(leader_endpoint="a:1", leader_epoch=5))
+        lower = cache.classify(LeaderHint(leader_endpoint="a:1", leader_epoch=4))
+        epochless = cache.classify(LeaderHint(leader_endpoint="a:1"))
+    for outcome in (refused, lower, epochless):
+        assert isinstance(outcome, Rejected)
+        assert outcome.rule == "endpoint_recently_failed"
+    assert "a:1" in refused.reason
+    assert "epoch 5" in refused.reason
+    assert [(e["event"], e["reason"]) for e in logs] == [
+        ("leader_cache_update_refused", "endpoint_recently_failed")
+    ] * 3
+    assert not cache.compare_and_set_leader("a:1", 5)
+    assert cache.stats.refused == {"endpoint_recently_failed": 4}
+    assert cache.stats.rejected == {}
+    # Another node's hint is unaffected; so is a new term for the failed one.
+    assert cache.classify(LeaderHint(leader_endpoint="b:1", leader_epoch=5)) == Follow(
+        endpoint="b:1", epoch=5
+    )
+    assert cache.classify(LeaderHint(leader_endpoint="a:1", leader_epoch=6)) == Follow(
+        endpoint="a:1", epoch=6
+    )
+    assert cache.worklist()[0] == "a:1"  # a newer term ended the backoff
+    cache.record_failure("a:1")
+    clock.now += 0.999
+    assert not cache.compare_and_set_leader("a:1", 6)
+    clock.now += 0.002
+    assert cache.compare_and_set_leader("a:1", 6)
+
+
+def test_a_failure_outside_the_cached_leader_blocks_only_epochless_hints() -> None:
+    cache, _ = make_cache()
+    cache.compare_and_set_leader("a:1", 5)
+    cache.record_failure("b:1")  # no epoch is known for b:1
+    outcome = cache.classify(LeaderHint(leader_endpoint="b:1"))
+    assert isinstance(outcome, Rejected)
+    assert outcome.rule == "endpoint_recently_failed"
+    assert "unknown epoch" in outcome.reason
+    assert cache.classify(LeaderHint(leader_endpoint="b:1", leader_epoch=5)) == Follow(
+        endpoint="b:1", epoch=5
+    )
+
+
+def test_a_failed_endpoint_keeps_the_highest_epoch_it_failed_at() -> None:
+    cache, _ = make_cache(ttl=math.inf)
+    cache.compare_and_set_leader("a:1", 5)
+    cache.record_failure("a:1")
+    cache.compare_and_set_leader("b:1", 7)
+    cache.record_failure("a:1")  # not the cached leader now: its epoch 5 stays
+    assert not cache.compare_and_set_leader("a:1", 5)
+    assert cache.compare_and_set_leader("a:1", 7)
+
+
+def test_a_success_ends_the_backoff() -> None:
+    cache, _ = make_cache()
+    cache.compare_and_set_leader("a:1", 5)
+    cache.record_failure("a:1")
+    assert cache.worklist()[-1] == "a:1"
+    assert cache.record_success("a:1", 5)
+    assert cache.worklist()[0] == "a:1"
+    assert cache.compare_and_set_leader("a:1", 5)
+
+
+def test_a_refused_success_still_ends_the_backoff() -> None:
+    cache, _ = make_cache()
+    cache.compare_and_set_leader("a:1", 9)
+    cache.record_failure("b:1")
+    assert all(cache.worklist()[-1] == "b:1" for _ in range(3))
+    assert not cache.record_success("b:1", 3)  # below the cached epoch
+    assert any(cache.worklist()[-1] != "b:1" for _ in range(3))
+    assert cache.compare_and_set_leader("b:1", None)  # epoch-less hint to b:1 no longer blocked
+
+
+def test_repeated_failures_double_the_backoff_up_to_the_cap() -> None:
+    clock = Clock()
+    cache = LeaderCache(
+        CONFIGURED, failure_backoff=0.5, failure_backoff_max=2.0, clock=clock, rng=random.Random(0)
+    )
+    with capture_events() as logs:
+        for _ in range(5):
+            cache.record_failure("a:1")
+    assert [e["backoff_s"] for e in logs] == [0.5, 1.0, 2.0, 2.0, 2.0]
+    assert {(e["event"], e["endpoint"], e["log_level"]) for e in logs} == {
+        ("leader_endpoint_failed", "a:1", "info")
+    }
+    assert cache.stats.failures == 5
+    clock.now += 2.0 + 2.0 + 0.001  # past the backoff, then quiet for failure_backoff_max
+    with capture_events() as logs:
+        cache.record_failure("a:1")
+    assert [e["backoff_s"] for e in logs] == [0.5]
+
+
+def test_failure_backoff_is_validated() -> None:
+    with pytest.raises(ValueError, match="failure_backoff"):
+        LeaderCache(CONFIGURED, failure_backoff=0)
+    with pytest.raises(ValueError, match="failure_backoff_max"):
+        LeaderCache(CONFIGURED, failure_backoff=2, failure_backoff_max=1)
+    with pytest.raises(ValueError, match="failure_backoff_max"):
+        LeaderCache(CONFIGURED, failure_backoff_max=math.inf)
+    with pytest.raises(TypeError, match="failure_backoff"):
+        LeaderCache(CONFIGURED, failure_backoff="1")  # type: ignore[arg-type]
+    cache, _ = make_cache()
+    with pytest.raises(InvalidEndpoint):
+        cache.record_failure("http://a:1")
+
+
+def test_dead_leader_is_not_ping_ponged() -> None:
+    """The failover from the issue: followers still name the dead leader at its epoch."""
+    cache, clock = make_cache()
+    cache.record_success("a:1", 5)
+    cache.record_failure("a:1")  # connection refused
+    stale = LeaderHint(leader_endpoint="a:1", leader_epoch=5)
+    for _ in range(10):  # every follower, every retry within the backoff
+        outcome = cache.classify(stale)
+        assert isinstance(outcome, Rejected)
+        assert cache.worklist()[0] != "a:1"
+        clock.now += 0.05
+    assert cache.classify(LeaderHint(leader_endpoint="c:1", leader_epoch=6)) == Follow(
+        endpoint="c:1", epoch=6
+    )
+    assert cache.worklist()[0] == "c:1"
+
+
 # --- properties -------------------------------------------------------------------------------
 
 ENDPOINTS = st.sampled_from([*CONFIGURED, "x:1", "y:1"])
@@ -499,6 +661,89 @@ def test_any_order_of_the_same_epoch_hints_ends_at_the_highest(
         assert leader is not None
         assert leader.epoch == highest
         assert (leader.endpoint, highest) in order
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["hint", "success", "failure", "tick"]),
+            ENDPOINTS,
+            EPOCHS,
+        ),
+        max_size=40,
+    )
+)
+def test_failures_never_move_the_cache_below_an_epoch_it_held(
+    operations: list[tuple[str, str, int | None]],
+) -> None:
+    clock = Clock()
+    cache = LeaderCache(CONFIGURED, ttl=math.inf, clock=clock, failure_backoff=0.5)
+    held: int | None = None
+    failed_at: dict[str, tuple[float, int | None]] = {}
+    for kind, endpoint, epoch in operations:
+        if kind == "tick":
+            clock.now += 0.3
+        elif kind == "failure":
+            leader = cache.cached_leader
+            cache.record_failure(endpoint)
+            if leader is not None and leader.endpoint == endpoint:
+                failed_at[endpoint] = (clock.now, leader.epoch)
+        elif kind == "success":
+            cache.record_success(endpoint, epoch)
+            failed_at.pop(endpoint, None)
+        else:
+            before = cache.cached_leader
+            accepted = cache.compare_and_set_leader(endpoint, epoch)
+            failure = failed_at.get(endpoint)
+            # Within the first backoff, a hint at or below the failed epoch never seats it.
+            if failure is not None and clock.now - failure[0] < 0.5 and failure[1] is not None:
+                if epoch is None or epoch <= failure[1]:
+                    assert not accepted, (endpoint, epoch, failure)
+                    assert cache.cached_leader == before
+                else:
+                    failed_at.pop(endpoint)
+        leader = cache.cached_leader
+        if leader is not None and leader.epoch is not None:
+            assert held is None or leader.epoch >= held, (leader, held)
+            held = leader.epoch
+        worklist = cache.worklist()
+        assert len(worklist) == len(set(worklist))
+
+
+def test_concurrent_failures_and_updates_stay_consistent() -> None:
+    cache = LeaderCache(CONFIGURED, ttl=math.inf)
+    start = threading.Barrier(4)
+    counts = [[0, 0] for _ in range(4)]  # [failures, updates] per thread
+
+    def churn(seed: int) -> None:
+        rng = random.Random(seed)
+        start.wait()
+        for _ in range(300):
+            endpoint = rng.choice(CONFIGURED)
+            match rng.randrange(4):
+                case 0:
+                    cache.record_failure(endpoint)
+                    counts[seed][0] += 1
+                case 1:
+                    cache.record_success(endpoint, rng.randrange(100))
+                    counts[seed][1] += 1
+                case 2:
+                    hint = LeaderHint(leader_endpoint=endpoint, leader_epoch=rng.randrange(100))
+                    cache.classify(hint)
+                    counts[seed][1] += 1
+                case _:
+                    assert sorted(cache.worklist()) == sorted(CONFIGURED)
+
+    threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stats = cache.stats
+    assert stats.failures == sum(failures for failures, _ in counts)
+    assert stats.accepted + sum(stats.refused.values()) == sum(updates for _, updates in counts)
+    assert stats.rejected == {}
 
 
 def test_concurrent_updates_are_atomic() -> None:

@@ -73,6 +73,16 @@ def etcd(request: pytest.FixtureRequest, tmp_path: Path) -> MakeDriver:
     )
 
 
+def postgres(request: pytest.FixtureRequest, tmp_path: Path) -> MakeDriver:
+    from leaderwatch.drivers.postgres import PostgresElectionDriver
+
+    server = request.getfixturevalue("postgres")
+    election = f"conformance-{uuid.uuid4().hex[:10]}"
+    return lambda endpoint: PostgresElectionDriver(
+        server.dsn, election=election, node_endpoint=endpoint, ttl=2
+    )
+
+
 CASES = [
     Case("static", static, flags={"elects": False}),
     Case(
@@ -83,8 +93,8 @@ CASES = [
     Case("local", local),
     # grpc.aio: asyncio only.
     Case("etcd", etcd, backends=("asyncio",)),
-    # A new driver is one more line here, e.g.
-    # Case("postgres", postgres, backends=("asyncio",)).
+    # asyncpg: asyncio only. A new driver is one more line here.
+    Case("postgres", postgres, backends=("asyncio",)),
 ]
 
 

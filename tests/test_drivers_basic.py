@@ -81,7 +81,7 @@ async def test_manual_first_value_is_unknown_then_every_transition_arrives() -> 
         assert seen == [Unknown()]
         script: list[State] = [
             Follower(leader_endpoint="10.0.0.7:9000", leader_epoch=4),
-            Follower(leader_endpoint="10.0.0.8:9000", leader_epoch=4),
+            Follower(leader_endpoint="10.0.0.8:9000"),  # epoch 4 already named 10.0.0.7
             Follower(leader_endpoint="10.0.0.8:9000", leader_epoch=5),
             Leader(epoch=6),
             Leader(epoch=7),
@@ -121,7 +121,9 @@ async def test_manual_epoch_guard_turns_a_regression_into_unknown() -> None:
         assert receiver.borrow_and_update() == Unknown()
         assert not driver.become_follower("10.0.0.1:1", 4)
         assert driver.current == Unknown()
-        assert driver.become_follower("10.0.0.1:1", 5)
+        assert not driver.become_follower("10.0.0.1:1", 5)  # epoch 5 named this node
+        assert driver.stats.conflicts == 1
+        assert driver.become_follower("10.0.0.1:1", 6)
         assert driver.become_follower("10.0.0.1:1", None)
         assert driver.stats.regressions == 2
 

@@ -7,6 +7,7 @@ one test checks that trio gets a clear error.
 from __future__ import annotations
 
 import contextlib
+import math
 import subprocess
 import threading
 import time
@@ -345,6 +346,60 @@ async def test_candidates_use_the_election_recipe_layout_and_hand_over_on_exit(
     assert first.states == [Unknown(), Leader(epoch=found[0].create_revision), Unknown()]
     assert second.states[-2:] == [Leader(epoch=found[1].create_revision), Unknown()]
     assert await keys(etcd, election) == []
+
+
+@pytest.mark.anyio
+async def test_resign_hands_over_at_once_never_campaigns_again_and_keeps_observing(
+    etcd: EtcdServer, election: str
+) -> None:
+    with capture_events() as logs:
+        async with anyio.create_task_group() as task_group:
+            first = await start(task_group, driver(etcd, election, A, ttl=10))
+            old = await first.wait_for(is_leader)
+            assert isinstance(old, Leader)
+            second = await start(task_group, driver(etcd, election, B, ttl=10))
+            _, theirs = await wait_keys(etcd, election, lambda found: len(found) == 2)
+            await second.wait_for(follows(A, old.epoch))
+            lease = first.driver.lease_id
+            assert lease is not None
+
+            resigned_at = anyio.current_time()
+            since = len(logs)
+            await first.driver.resign()
+            assert not is_leader(first.driver.current)
+            assert first.driver.proven_until == -math.inf
+            assert (first.driver.lease_id, first.driver.campaign_revision) == (None, None)
+            assert not first.driver.campaigning
+            # Its key and its lease are gone from etcd.
+            assert [key.key for key in await keys(etcd, election)] == [theirs.key]
+            assert f"{lease:x}" not in await etcdctl(etcd, "lease", "list")
+            # ttl=10: the successor leads because of the resignation, not a lease expiry.
+            assert await second.wait_for(is_leader, within=3) == Leader(
+                epoch=theirs.create_revision
+            )
+            # The resigned node keeps observing and follows its successor.
+            await first.wait_for(follows(B, theirs.create_revision))
+            await first.driver.resign()  # idempotent
+
+            # It never campaigns again: once the successor leaves there is no
+            # leader, and a newcomer takes over while it only follows.
+            await second.exit()
+            await first.wait_for(lambda state: state == Unknown(), within=3)
+            third = await start(task_group, driver(etcd, election, C, ttl=10))
+            new = await third.wait_for(is_leader)
+            assert isinstance(new, Leader)
+            await first.wait_for(follows(C, new.epoch))
+            assert [key.value for key in await keys(etcd, election)] == [C]
+            task_group.cancel_scope.cancel()
+    assert not any(is_leader(state) for t, state in first.seen if t >= resigned_at), first.seen
+    assert_epochs_never_decrease(first, second, third)
+    assert_one_leader_per_epoch(first, second, third)
+    after = [log for log in logs[since:] if log.get("node_id") == A]
+    assert not [log for log in after if log["event"] == "etcd_lease_granted"], after
+    assert not [log for log in after if log["event"] == "etcd_campaign_abandoned"], after
+    assert {"event": "etcd_lease_revoked", "lease_id": f"{lease:x}"}.items() <= next(
+        log for log in after if log["event"] == "etcd_lease_revoked"
+    ).items()
 
 
 @pytest.mark.anyio

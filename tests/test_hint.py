@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+import leaderwatch.hint
 from leaderwatch.hint import (
     ENDPOINT_HEADER,
     EPOCH_HEADER,
+    MALFORMED_HINT_RULES,
     MAX_EPOCH_DIGITS,
     LeaderHint,
     MalformedHint,
@@ -246,3 +250,44 @@ def test_json_parser_never_raises(text: str) -> None:
 )
 def test_json_parser_never_raises_on_any_json_document(document: object) -> None:
     assert isinstance(parse_hint_json(json.dumps(document)), LeaderHint | MalformedHint)
+
+
+@pytest.mark.parametrize(
+    ("headers", "rule"),
+    [
+        (None, "headers_not_container"),
+        ("leader-epoch: 7", "headers_not_container"),
+        (b"leader-epoch: 7", "headers_not_container"),
+        (7, "headers_not_container"),
+        (object(), "headers_not_container"),
+        ([("leader-epoch", "7", "x")], "headers_not_pairs"),
+        ([("leader-epoch",)], "headers_not_pairs"),
+        (["ab"], "headers_not_pairs"),
+        ([None], "headers_not_pairs"),
+        ([7], "headers_not_pairs"),
+        ([{"leader-epoch": "7"}], "headers_not_pairs"),
+        ({7: "x"}, "header_not_text"),
+        ([(None, "x")], "header_not_text"),
+        ({"leader-epoch": None}, "header_not_text"),
+        ({"leader-endpoint": ["node-b:9000"]}, "header_not_text"),
+    ],
+    ids=repr,
+)
+def test_malformed_header_containers_are_returned_not_raised(headers: object, rule: str) -> None:
+    result = parse_hint_headers(headers)  # type: ignore[arg-type]
+    assert isinstance(result, MalformedHint)
+    assert result.rule == rule
+    assert len(result.reason) < 200
+
+
+def test_header_pairs_may_be_lists_and_named_tuples() -> None:
+    assert parse_hint_headers([["leader-epoch", "7"]]) == LeaderHint(leader_epoch=7)  # type: ignore[list-item]
+
+
+def test_every_rule_returned_is_listed_and_documented() -> None:
+    source = Path(leaderwatch.hint.__file__).read_text()
+    returned = set(re.findall(r'rule="([a-z_]+)"', source))
+    assert returned == set(MALFORMED_HINT_RULES)
+    docs = Path(__file__).resolve().parent.parent / "docs" / "serving-and-redirects.md"
+    text = docs.read_text()
+    assert [rule for rule in MALFORMED_HINT_RULES if f"`{rule}`" not in text] == []

@@ -6,9 +6,11 @@ import fcntl
 import math
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -27,13 +29,9 @@ from leaderwatch.drivers import (
     LocalElectionDriver,
     LocalElectionError,
 )
-from leaderwatch.drivers.local import (
-    EPOCH_FILE,
-    LOCK_FILE,
-    RECORD_FILE,
-    LocalEpochCounter,
-    LocalLeaderRecord,
-)
+from leaderwatch.drivers import _local_store as store
+from leaderwatch.drivers._local_store import LocalEpochCounter, LocalLeaderRecord
+from leaderwatch.drivers.local import EPOCH_FILE, LOCK_FILE, RECORD_FILE
 from leaderwatch.state import Follower, InvalidEndpoint, Leader, Unknown
 from leaderwatch.testing import capture_events
 
@@ -597,3 +595,36 @@ async def test_resign_hands_over_and_keeps_observing(tmp_path: Path) -> None:
         await wait_state(first, lambda s: s == Unknown())
         await polls(first, 5)
         assert first.current == Unknown()
+
+
+@pytest.mark.anyio
+async def test_resign_during_the_winning_write_leaves_no_leader_behind(
+    tmp_path: Path, held_lock: HeldLock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing, finish = threading.Event(), threading.Event()
+    write_durably = store.write_durably
+
+    def slow_write(*args: Any, **kwargs: Any) -> int | None:
+        writing.set()
+        finish.wait(5)
+        return write_durably(*args, **kwargs)
+
+    monkeypatch.setattr(store, "write_durably", slow_write)
+    seen: list[State] = []
+    async with driver(tmp_path, A) as node, anyio.create_task_group() as task_group:
+        task_group.start_soon(collect, node.leadership(), seen)
+        held_lock.release()  # the node wins on its next poll and starts writing its record
+        await eventually(writing.is_set)
+        async with anyio.create_task_group() as resigning:
+            resigning.start_soon(node.resign)
+            await anyio.wait_all_tasks_blocked()
+            finish.set()
+        after_resign = len(seen)
+        await polls(node, 3)
+        assert node.current == Unknown()
+        assert not node.is_leader
+        assert not any(isinstance(state, Leader) for state in seen[after_resign:])
+        # Neither the election nor the record is held: no follower can mistake it for a leader.
+        assert lock_is_free(tmp_path)
+        assert lock_is_free(tmp_path, RECORD_FILE)
+        task_group.cancel_scope.cancel()

@@ -28,6 +28,18 @@ STATES: st.SearchStrategy[State] = st.one_of(
 )
 
 
+def leaders_by_epoch(states: list[State]) -> dict[int, set[str]]:
+    """Who each delivered state names as leader of its epoch ("self" for Leader)."""
+    leaders: dict[int, set[str]] = {}
+    for state in states:
+        match state:
+            case Leader(epoch=epoch):
+                leaders.setdefault(epoch, set()).add("self")
+            case Follower(leader_endpoint=str() as endpoint, leader_epoch=int() as epoch):
+                leaders.setdefault(epoch, set()).add(endpoint)
+    return leaders
+
+
 def is_subsequence(seen: list[State], delivered: list[State]) -> bool:
     remaining = iter(delivered)
     return all(any(item == candidate for candidate in remaining) for item in seen)
@@ -79,6 +91,7 @@ def test_subscribers_see_a_deduplicated_monotonic_subsequence_ending_at_final(
     )
     delivered_epochs = [e for e in map(observed_epoch, delivered) if e is not None]
     assert delivered_epochs == sorted(delivered_epochs)
+    assert all(len(leaders) == 1 for leaders in leaders_by_epoch(delivered).values())
     for out in seen:
         assert out, "a subscriber must at least see the current value"
         assert out[-1] == delivered[-1]

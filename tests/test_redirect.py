@@ -96,3 +96,21 @@ def test_client_and_redirect_share_the_no_leader_yet_value() -> None:
         "NoLeaderYet",
         "LeaderHint",
     }
+
+
+@pytest.mark.parametrize(
+    ("leader", "me"),
+    [
+        ("[::ffff:127.0.0.1]:9000", "127.0.0.1:9000"),
+        ("127.0.0.1:9000", "[::ffff:127.0.0.1]:9000"),
+        ("[::ffff:7f00:1]:9000", "127.0.0.1:9000"),
+    ],
+)
+def test_never_redirects_to_self_through_an_ipv4_mapped_ipv6_spelling(leader: str, me: str) -> None:
+    decision = decide(NotServing(leader_endpoint=leader, leader_epoch=3), self_endpoint=me)
+    assert decision == NoLeaderYet(leader_epoch=3)
+
+
+def test_numeric_host_spellings_cannot_reach_the_gate() -> None:
+    with pytest.raises(InvalidEndpoint, match="IPv4"):
+        decide(NotServing(leader_endpoint="127.0.0.1:9000"), self_endpoint="0x7f.1:9000")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,14 +13,16 @@ from leaderwatch import (
     Follower,
     InvalidEndpoint,
     InvalidEpoch,
+    InvalidLeaderState,
     Leader,
+    LeaderwatchError,
     Unknown,
     epoch_from_wire,
     epoch_to_wire,
     leader_state_from_json,
     parse_endpoint,
 )
-from leaderwatch.state import same_endpoint
+from leaderwatch.state import MAX_LEADER_STATE_JSON_LENGTH, check_epoch, same_endpoint
 
 EPOCHS = st.integers(min_value=0, max_value=2**128 - 1)
 
@@ -267,3 +271,124 @@ def test_longest_dns_endpoint_is_accepted() -> None:
     assert parse_endpoint(f"{host}:65535") == f"{host}:65535"
     with pytest.raises(InvalidEndpoint):
         parse_endpoint(f"{host}x:65535")
+
+
+# --- issue 11: hostile input -------------------------------------------------------------------
+
+HUGE = 10**5000  # str() of it exceeds Python's 4300-digit int-to-str limit
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda: check_epoch(HUGE), id="check_epoch"),
+        pytest.param(lambda: check_epoch(-HUGE), id="check_epoch-negative"),
+        pytest.param(lambda: epoch_to_wire(HUGE), id="epoch_to_wire"),
+        pytest.param(lambda: epoch_from_wire(HUGE, 0), id="epoch_from_wire-hi"),
+        pytest.param(lambda: epoch_from_wire(0, -HUGE), id="epoch_from_wire-lo"),
+    ],
+)
+def test_huge_integer_epoch_is_invalid_epoch_and_not_printed(call: Callable[[], object]) -> None:
+    with pytest.raises(InvalidEpoch, match="bits") as raised:
+        call()
+    assert len(str(raised.value)) < 200
+
+
+def test_out_of_range_epoch_of_normal_size_is_still_shown() -> None:
+    with pytest.raises(InvalidEpoch, match=str(2**128)):
+        check_epoch(2**128)
+
+
+def test_leader_state_json_refuses_duplicate_keys() -> None:
+    with pytest.raises(InvalidLeaderState, match="repeats") as raised:
+        leader_state_from_json('{"kind": "leader", "epoch": 1, "epoch": 2}')
+    assert [error["type"] for error in raised.value.errors()] == ["json_duplicate_field"]
+    with pytest.raises(InvalidLeaderState, match="repeats"):
+        leader_state_from_json('{"kind": "follower", "kind": "leader", "epoch": 1}')
+
+
+def test_leader_state_json_is_bounded_before_parsing() -> None:
+    padded = '{"kind": "unknown"}' + " " * MAX_LEADER_STATE_JSON_LENGTH
+    with pytest.raises(InvalidLeaderState, match="at most") as raised:
+        leader_state_from_json(padded)
+    assert [error["type"] for error in raised.value.errors()] == ["json_too_long"]
+    huge = "[" * (10 * 1024 * 1024)
+    with pytest.raises(InvalidLeaderState, match=r"10485760 characters"):
+        leader_state_from_json(huge)
+    with pytest.raises(InvalidLeaderState, match="at most"):
+        leader_state_from_json(padded.encode())
+    host = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    longest = Follower(leader_endpoint=f"{host}:65535", leader_epoch=2**128 - 1)
+    assert leader_state_from_json(longest.model_dump_json(indent=8)) == longest
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"kind": "candidate", "epoch": 1}',
+        '{"kind": "leader", "epoch": 1, "extra": true}',
+        '{"kind": "leader", "epoch": 1, "epoch": 1}',
+        "not json",
+        "",
+        b"\xff",
+    ],
+)
+def test_leader_state_json_errors_are_one_specific_type(text: str | bytes) -> None:
+    with pytest.raises(InvalidLeaderState) as raised:
+        leader_state_from_json(text)
+    assert isinstance(raised.value, LeaderwatchError)
+    assert isinstance(raised.value, ValidationError)
+    assert isinstance(raised.value, ValueError)
+
+
+def test_leader_state_json_refuses_other_types() -> None:
+    with pytest.raises(InvalidLeaderState, match="str or bytes"):
+        leader_state_from_json(None)  # type: ignore[arg-type]
+
+
+NON_CANONICAL_NUMERIC_HOSTS = [
+    "0x7f.1",
+    "0x7f000001",
+    "0X7F000001",
+    "0x7f.0.0.1",
+    "127.1",
+    "127.0.1",
+    "0177.0.0.1",
+    "2130706433",
+    "1.2.3",
+    "127.0.0.1.",
+    "1.2.3.4.5",
+    "08.0.0.1",
+    "example.123",
+    "example.0x10",
+    "leader.0x",
+    "0x",
+    "1.2.3.256",
+]
+
+
+@pytest.mark.parametrize("host", NON_CANONICAL_NUMERIC_HOSTS)
+def test_numeric_hosts_must_be_canonical_dotted_ipv4(host: str) -> None:
+    with pytest.raises(InvalidEndpoint, match="IPv4") as raised:
+        parse_endpoint(f"{host}:9000")
+    assert "dotted" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["127.0.0.1:9000", "0.0.0.0:1", "255.255.255.255:80", "123.example:80", "example.0xg:80"],
+)
+def test_numeric_looking_but_valid_hosts_pass(endpoint: str) -> None:
+    assert parse_endpoint(endpoint) == endpoint
+
+
+@pytest.mark.parametrize(
+    "mapped",
+    ["[::ffff:127.0.0.1]:9000", "[::FFFF:7f00:1]:9000", "[0:0:0:0:0:ffff:127.0.0.1]:9000"],
+)
+def test_ipv4_mapped_ipv6_is_the_same_endpoint_as_its_ipv4_form(mapped: str) -> None:
+    assert same_endpoint(mapped, "127.0.0.1:9000")
+    assert same_endpoint("127.0.0.1:9000", mapped)
+    assert not same_endpoint(mapped, "127.0.0.1:9001")
+    assert not same_endpoint(mapped, "127.0.0.2:9000")
+    assert not same_endpoint("[::127.0.0.1]:9000", "127.0.0.1:9000")

@@ -8,10 +8,13 @@ import structlog
 
 from leaderwatch import (
     ChannelClosed,
+    EpochConflict,
     EpochRegression,
     Follower,
+    InvalidEndpoint,
     Leader,
     LeaderWatch,
+    LeaderwatchError,
     Unknown,
 )
 from leaderwatch.testing import capture_events
@@ -44,11 +47,13 @@ def test_equal_value_is_suppressed_and_wakes_nobody() -> None:
         ),
         (
             Follower(leader_endpoint="a:1", leader_epoch=4),
-            Follower(leader_endpoint="b:1", leader_epoch=4),
+            Follower(leader_endpoint="A:1", leader_epoch=4),
         ),
+        (Follower(leader_endpoint="a:1"), Follower(leader_endpoint="b:1")),
         (Follower(leader_endpoint="a:1"), Follower()),
         (Follower(), Unknown()),
-        (Leader(epoch=4), Follower(leader_endpoint="b:1", leader_epoch=4)),
+        (Leader(epoch=4), Follower(leader_endpoint="b:1", leader_epoch=5)),
+        (Leader(epoch=4), Follower(leader_epoch=4)),
     ],
 )
 def test_any_payload_change_is_delivered(
@@ -95,10 +100,10 @@ def test_one_high_water_mark_across_leader_and_follower() -> None:
     watch.publish(Follower(leader_endpoint="a:1", leader_epoch=10))
     assert watch.publish(Leader(epoch=9)) is False
     assert watch.current == Unknown()
-    assert watch.publish(Leader(epoch=10)) is True
-    assert watch.publish(Follower(leader_endpoint="a:1", leader_epoch=9)) is False
+    assert watch.publish(Leader(epoch=11)) is True
+    assert watch.publish(Follower(leader_endpoint="a:1", leader_epoch=10)) is False
     assert watch.current == Unknown()
-    assert watch.publish(Follower(leader_endpoint="a:1", leader_epoch=11)) is True
+    assert watch.publish(Follower(leader_endpoint="a:1", leader_epoch=12)) is True
 
 
 def test_regression_while_follower_then_equal_unknown_is_counted_once() -> None:
@@ -200,3 +205,178 @@ def test_library_does_not_configure_logging() -> None:
     before = structlog.get_config()
     LeaderWatch("n1").publish(Leader(epoch=1))
     assert structlog.get_config() == before
+
+
+# --- contract 4: one epoch never names two leaders ---------------------------------------------
+
+CONFLICTS = [
+    pytest.param(
+        [Follower(leader_endpoint="b:1", leader_epoch=2)],
+        Leader(epoch=2),
+        "b:1",
+        id="leader-after-following-another-node",
+    ),
+    pytest.param(
+        [Leader(epoch=2)],
+        Follower(leader_endpoint="b:1", leader_epoch=2),
+        "this node",
+        id="following-another-node-after-leading",
+    ),
+    pytest.param(
+        [Follower(leader_endpoint="b:1", leader_epoch=2)],
+        Follower(leader_endpoint="c:1", leader_epoch=2),
+        "b:1",
+        id="two-other-leaders",
+    ),
+    pytest.param(
+        [Follower(leader_endpoint="b:1", leader_epoch=2), Unknown()],
+        Leader(epoch=2),
+        "b:1",
+        id="unknown-in-between-forgets-nothing",
+    ),
+    pytest.param(
+        [Leader(epoch=2), Follower(leader_epoch=2), Follower()],
+        Follower(leader_endpoint="b:1", leader_epoch=2),
+        "this node",
+        id="epochless-and-leaderless-in-between-forget-nothing",
+    ),
+    pytest.param(
+        [Follower(leader_endpoint="b:1", leader_epoch=2), Follower(leader_epoch=2)],
+        Leader(epoch=2),
+        "b:1",
+        id="leaderless-follower-in-between-forgets-nothing",
+    ),
+]
+
+
+@pytest.mark.parametrize(("before", "offered", "leader"), CONFLICTS)
+def test_same_epoch_different_leader_is_refused_like_a_regression(
+    before: list[Leader | Follower | Unknown],
+    offered: Leader | Follower,
+    leader: str,
+) -> None:
+    watch = LeaderWatch("n1")
+    for state in before:
+        watch.publish(state)
+    rx = watch.subscribe()
+    with capture_events() as logs:
+        assert watch.publish(offered) is False
+    assert watch.current == Unknown()
+    assert rx.borrow_and_update() == Unknown()
+    assert watch.stats.conflicts == 1
+    assert watch.stats.regressions == 0
+    assert watch.high_water == 2
+    conflict = [entry for entry in logs if entry["event"] == "leader_state_epoch_conflict"]
+    assert len(conflict) == 1
+    assert conflict[0]["log_level"] == "error"
+    assert conflict[0]["node_id"] == "n1"
+    assert conflict[0]["epoch"] == 2
+    assert conflict[0]["epoch_leader"] == leader
+    assert conflict[0]["state"] == offered.model_dump(mode="json")
+    assert not [entry for entry in logs if entry["event"] == "leader_state_changed"][1:]
+
+
+def test_the_defect_sequence_never_shows_a_second_leader_at_one_epoch() -> None:
+    """Issue 11: Leader(2) -> Follower(other, 2) -> Leader(2) after the store lost its data."""
+    watch = LeaderWatch("n1")
+    seen = []
+    for state in (
+        Leader(epoch=2),
+        Follower(leader_endpoint="other:1", leader_epoch=2),
+        Leader(epoch=2),
+        Follower(leader_endpoint="other:1", leader_epoch=2),
+    ):
+        watch.publish(state)
+        seen.append(watch.current)
+    # Once two leaders were claimed at epoch 2, no leader at epoch 2 is shown again.
+    assert seen == [Leader(epoch=2), Unknown(), Unknown(), Unknown()]
+    assert watch.stats.conflicts == 3
+    assert watch.publish(Follower(leader_epoch=2)) is True
+    assert watch.publish(Follower(leader_endpoint="other:1", leader_epoch=3)) is True
+    assert watch.publish(Leader(epoch=4)) is True
+
+
+SAME_LEADER = [
+    pytest.param(
+        [Leader(epoch=2)], Follower(leader_epoch=2), None, id="leaderless-follower-after-leading"
+    ),
+    pytest.param(
+        [Follower(leader_epoch=2)], Leader(epoch=2), None, id="leading-after-leaderless-follower"
+    ),
+    pytest.param(
+        [Follower(leader_endpoint="b:1", leader_epoch=2)],
+        Follower(leader_endpoint="B:1", leader_epoch=2),
+        None,
+        id="same-leader-other-spelling",
+    ),
+    pytest.param(
+        [Follower(leader_endpoint="[::ffff:10.0.0.2]:1", leader_epoch=2)],
+        Follower(leader_endpoint="10.0.0.2:1", leader_epoch=2),
+        None,
+        id="same-leader-ipv4-mapped",
+    ),
+    pytest.param(
+        [Follower(leader_endpoint="Me:9000", leader_epoch=2)],
+        Leader(epoch=2),
+        "me:9000",
+        id="leading-after-following-itself",
+    ),
+    pytest.param(
+        [Leader(epoch=2)],
+        Follower(leader_endpoint="me:9000", leader_epoch=2),
+        "me:9000",
+        id="following-itself-after-leading",
+    ),
+    pytest.param(
+        [Follower(leader_endpoint="b:1", leader_epoch=2)],
+        Leader(epoch=3),
+        None,
+        id="a-new-epoch-is-a-new-leader",
+    ),
+]
+
+
+@pytest.mark.parametrize(("before", "offered", "self_endpoint"), SAME_LEADER)
+def test_same_epoch_same_leader_is_delivered(
+    before: list[Leader | Follower | Unknown],
+    offered: Leader | Follower,
+    self_endpoint: str | None,
+) -> None:
+    watch = LeaderWatch("n1", self_endpoint=self_endpoint)
+    for state in before:
+        watch.publish(state)
+    assert watch.publish(offered) is True
+    assert watch.current == offered
+    assert watch.stats.conflicts == 0
+
+
+def test_without_self_endpoint_every_named_leader_is_another_node() -> None:
+    watch = LeaderWatch("n1")
+    watch.publish(Follower(leader_endpoint="me:9000", leader_epoch=2))
+    assert watch.publish(Leader(epoch=2)) is False
+    assert watch.stats.conflicts == 1
+
+
+def test_self_endpoint_must_be_valid() -> None:
+    with pytest.raises(InvalidEndpoint, match="scheme"):
+        LeaderWatch("n1", self_endpoint="http://me:9000")
+
+
+def test_initial_value_names_the_leader_of_its_epoch() -> None:
+    watch = LeaderWatch("n1", initial=Follower(leader_endpoint="b:1", leader_epoch=5))
+    assert watch.publish(Leader(epoch=5)) is False
+    assert watch.stats.conflicts == 1
+
+
+def test_strict_mode_raises_epoch_conflict_after_publishing_unknown() -> None:
+    watch = LeaderWatch("n1", strict=True)
+    rx = watch.subscribe()
+    watch.publish(Follower(leader_endpoint="b:1", leader_epoch=3))
+    with pytest.raises(EpochConflict, match="b:1") as raised:
+        watch.publish(Leader(epoch=3))
+    assert isinstance(raised.value, LeaderwatchError)
+    assert raised.value.epoch == 3
+    assert raised.value.epoch_leader == "b:1"
+    assert raised.value.state == Leader(epoch=3)
+    assert rx.borrow() == Unknown()
+    assert watch.stats.conflicts == 1

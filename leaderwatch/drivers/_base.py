@@ -17,6 +17,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+from leaderwatch import _registry
 from leaderwatch.channel import WatchReceiver
 from leaderwatch.state import Leader, LeaderState, Unknown
 from leaderwatch.watch import LeaderWatch, LeaderWatchStats
@@ -82,17 +83,24 @@ class DriverBase:
     - :meth:`resign` makes :attr:`campaigning` false for good and awaits
       :meth:`_resign`; the driver keeps observing.
 
+    ``self_endpoint`` is this node's own endpoint, when it has one: the epoch
+    guard then knows that ``Follower(self_endpoint, e)`` names this node (see
+    :class:`~leaderwatch.watch.LeaderWatch`).
+
     Subclasses publish only through :meth:`_publish` and override
     :meth:`_start`, :meth:`_resign`, :meth:`_release` and
     :attr:`proven_until` as they need; none overrides ``__aexit__``.
     """
 
-    def __init__(self, node_id: str, *, strict: bool = False) -> None:
-        self._watch = LeaderWatch(node_id, strict=strict)
+    def __init__(
+        self, node_id: str, *, strict: bool = False, self_endpoint: str | None = None
+    ) -> None:
+        self._watch = LeaderWatch(node_id, strict=strict, self_endpoint=self_endpoint)
         self._lifecycle: contextlib.AbstractAsyncContextManager[None] | None = None
         self._entered = False
         self._leaving = False
         self._campaigning = True
+        _registry.track("driver", self, node_id)
 
     @property
     def node_id(self) -> str:
@@ -106,7 +114,7 @@ class DriverBase:
 
     @property
     def stats(self) -> LeaderWatchStats:
-        """Delivered, suppressed and regressing publishes so far."""
+        """Delivered, suppressed, regressing and conflicting publishes so far."""
         return self._watch.stats
 
     @property
@@ -209,6 +217,7 @@ class DriverBase:
         if self._entered:
             raise RuntimeError(f"{type(self).__name__} can be entered only once")
         self._entered = True
+        _registry.note_event_loop_clock(self)
         lifecycle = self._running()
         await lifecycle.__aenter__()
         self._lifecycle = lifecycle

@@ -15,6 +15,7 @@ __all__ = ["LeaseTiming"]
 _MAX_BACKOFF: Final = 1.0
 _MAX_RESIGN_WAIT: Final = 1.0
 _FIRST_BACKOFF: Final = 0.05
+_MAX_RENEW_RETRY: Final = 0.1
 
 
 class LeaseTiming(FrozenValue):
@@ -34,8 +35,13 @@ class LeaseTiming(FrozenValue):
       ``margin`` before the store can hand the lease to anyone else.
     - :attr:`renew_interval` = ``proof_window / 3``: a renewal is sent that
       often, so one lost reply costs nothing.
+    - :attr:`renew_retry` = ``min(0.1, renew_interval / 4)``: after a
+      renewal failed, the next one is sent that much later.
     - :attr:`call_timeout` = :attr:`renew_interval`: every request to the
       store gets that long; a silent store is noticed within one interval.
+      A watch that saw nothing for that long is re-armed, and a driver that
+      heard nothing for :attr:`proof_window` waits that long more before it
+      tries another endpoint.
     - :attr:`resign_wait` = ``min(1, renew_interval)``: the bound on a
       resign or revoke at shutdown, so leaving never hangs on a dead store.
     - :meth:`backoff`: retries start at 50 ms and double up to
@@ -84,6 +90,11 @@ class LeaseTiming(FrozenValue):
     def renew_interval(self) -> float:
         """How often the lease is renewed (three renewals per proof window)."""
         return self.proof_window / 3
+
+    @property
+    def renew_retry(self) -> float:
+        """How long after a failed renewal the next one is sent."""
+        return min(_MAX_RENEW_RETRY, self.renew_interval / 4)
 
     @property
     def call_timeout(self) -> float:

@@ -6,6 +6,11 @@ exits or dies, so failover waits for no lease: within one poll interval a
 candidate takes it. Each new leader persists a strictly higher epoch
 (``epoch.json``) and its record (``leader.json``), which followers trust
 only while its writer still holds a lock on it.
+
+This module is the election state machine (follow, take office, keep office,
+step down); the files themselves — names, formats, reads that tell a live
+record from a corrupt, missing or abandoned one, and durable writes — are
+:mod:`leaderwatch.drivers._local_store`.
 """
 
 from __future__ import annotations
@@ -14,31 +19,25 @@ import contextlib
 import functools
 import math
 import os
-import secrets
 import sys
 from pathlib import Path
-from typing import Final, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from leaderwatch._log import get_logger
+from leaderwatch.drivers import _local_store as store
 from leaderwatch.drivers._base import DriverBase
-from leaderwatch.errors import LeaderwatchError
-from leaderwatch.state import (
-    EPOCH_LIMIT,
-    Endpoint,
-    Epoch,
-    Follower,
-    Leader,
-    LeaderState,
-    Unknown,
-    parse_endpoint,
+from leaderwatch.drivers._local_store import (
+    EPOCH_FILE,
+    LOCK_FILE,
+    RECORD_FILE,
+    Corrupt,
+    LocalEpochCounter,
+    LocalLeaderRecord,
 )
-
-if sys.platform != "win32":
-    import fcntl
+from leaderwatch.errors import LeaderwatchError
+from leaderwatch.state import EPOCH_LIMIT, Follower, Leader, LeaderState, Unknown, parse_endpoint
 
 __all__ = [
     "EPOCH_FILE",
@@ -47,22 +46,9 @@ __all__ = [
     "ElectionStateCorrupt",
     "LocalElectionDriver",
     "LocalElectionError",
-    "LocalEpochCounter",
-    "LocalLeaderRecord",
 ]
 
 _log = get_logger("leaderwatch.drivers.local")
-
-LOCK_FILE: Final = "leader.lock"
-"""The file candidates lock; never written, never deleted."""
-RECORD_FILE: Final = "leader.json"
-"""The current leader's :class:`LocalLeaderRecord`."""
-EPOCH_FILE: Final = "epoch.json"
-"""The highest epoch ever taken in the directory (:class:`LocalEpochCounter`)."""
-
-_MAX_FILE_SIZE: Final = 64 * 1024
-
-_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class LocalElectionError(LeaderwatchError, RuntimeError):
@@ -71,154 +57,6 @@ class LocalElectionError(LeaderwatchError, RuntimeError):
 
 class ElectionStateCorrupt(LocalElectionError):
     """A new leader cannot tell which epochs were already used, so it refuses to lead."""
-
-
-class LocalLeaderRecord(BaseModel):
-    """Who leads the directory, at which epoch: what followers publish."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    epoch: Epoch
-    leader_endpoint: Endpoint
-    node_id: str
-    pid: int
-
-
-class LocalEpochCounter(BaseModel):
-    """The highest epoch any leader of the directory has taken."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    epoch: Epoch
-
-
-class _Missing:
-    __slots__ = ()
-
-
-_MISSING: Final = _Missing()
-
-
-class _Unheld:
-    __slots__ = ()
-
-
-_UNHELD: Final = _Unheld()
-
-
-class _Corrupt:
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _nobody_holds(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError:
-        # Cannot tell (no lock support): trust the record rather than hide a live leader.
-        return False
-    return True  # released when the caller closes the file
-
-
-def _read(
-    path: Path, model: type[_Model], *, held_only: bool = False
-) -> _Model | _Missing | _Corrupt | _Unheld:
-    try:
-        with path.open("rb") as file:
-            data = file.read(_MAX_FILE_SIZE + 1)
-            unheld = held_only and _nobody_holds(file.fileno())
-    except FileNotFoundError:
-        return _MISSING
-    except OSError as error:
-        return _Corrupt(f"unreadable: {error.strerror or error}")
-    if len(data) > _MAX_FILE_SIZE:
-        return _Corrupt(f"larger than {_MAX_FILE_SIZE} bytes")
-    if not data:
-        return _Corrupt("empty (truncated?)")
-    try:
-        found = model.model_validate_json(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "document"
-        return _Corrupt(f"invalid {model.__name__}: {where}: {first['msg']}")
-    return _UNHELD if unheld else found
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(
-    directory: Path, files: dict[str, bytes], *, hold: str | None = None
-) -> int | None:
-    """Replace each named file of ``directory`` with its bytes, in the order given.
-
-    Each file is replaced atomically: a reader sees the old bytes or the new
-    ones, never a mix, and a later file never appears before an earlier one.
-    On return every new file survives a crash of the host. With ``hold``,
-    the new file of that name is exclusively ``flock``-ed before anyone can
-    see it, and the open descriptor holding that lock is returned. On error
-    an ``OSError`` is raised, no temporary file is left behind and no lock
-    is held; files already replaced stay replaced.
-    """
-    staged: list[tuple[Path, Path]] = []
-    held: int | None = None
-    try:
-        for name, data in files.items():
-            temp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            staged.append((temp, directory / name))
-            keep = name == hold
-            try:
-                if keep:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                raise
-            if keep:
-                held = fd
-            else:
-                os.close(fd)
-        # Renamed only once all are written, in order: the epoch counter
-        # before the record, so a record never names an epoch the counter lacks.
-        for temp, target in staged:
-            os.replace(temp, target)
-        _fsync_directory(directory)
-    except BaseException:
-        for temp, _ in staged:
-            temp.unlink(missing_ok=True)
-        if held is not None:
-            os.close(held)
-        raise
-    return held
-
-
-# Every lock this process holds, so a forked child (which shares the open
-# file description, hence the lock) can drop its reference at once.
-_HELD_LOCKS: set[int] = set()
-
-
-def _close_inherited_locks() -> None:
-    for fd in _HELD_LOCKS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD_LOCKS.clear()
-
-
-if sys.platform != "win32":
-    os.register_at_fork(after_in_child=_close_inherited_locks)
 
 
 class LocalElectionDriver(DriverBase):
@@ -238,6 +76,9 @@ class LocalElectionDriver(DriverBase):
       candidate takes over within one ``poll_interval`` plus the durable
       write, with no lease timeout. Leaving ``async with`` publishes
       ``Unknown()`` and then releases the lock.
+    - :meth:`resign` publishes ``Unknown()``, releases the lock and stops
+      campaigning; a durable write in flight finishes first, so no
+      ``Leader`` is published after it returns. The node keeps following.
     - Non-leaders publish ``Follower(leader_endpoint, leader_epoch)`` from
       the record only while the process that wrote it still leads, never a
       record naming this node's own endpoint, and ``Unknown()`` otherwise:
@@ -284,11 +125,13 @@ class LocalElectionDriver(DriverBase):
         self._epoch_path = self._directory / EPOCH_FILE
         self._prepare_directory()
         self._lock_fd: int | None = None
-        self._lock_identity: tuple[int, int] | None = None
         self._record: LocalLeaderRecord | None = None
         # The leader's open, locked record: followers trust the record only while it is locked.
         self._record_fd: int | None = None
         self._reported: dict[str, str] = {}
+        # Steps and resigning never interleave: a resign waits for a durable write in flight,
+        # so a node that resigned never goes on to publish the term that write was for.
+        self._office = anyio.Lock()
 
     @property
     def directory(self) -> Path:
@@ -307,12 +150,7 @@ class LocalElectionDriver(DriverBase):
 
     def _prepare_directory(self) -> None:
         try:
-            self._directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.close(fd)
-            probe = self._directory / f".probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            probe.touch(exist_ok=False)
-            probe.unlink()
+            store.prepare(self._directory)
         except OSError as error:
             raise LocalElectionError(
                 f"election directory {str(self._directory)!r} is not usable: "
@@ -333,17 +171,20 @@ class LocalElectionDriver(DriverBase):
             self._step_down()
 
     async def _resign(self) -> None:
-        if self._lock_fd is not None:
-            _log.info("local_election_resigned", node_id=self.node_id)
-        self._step_down()
+        async with self._office:
+            if self._lock_fd is not None:
+                _log.info("local_election_resigned", node_id=self.node_id)
+            self._step_down()
 
     async def _step(self) -> None:
-        if self._lock_fd is not None:
-            await self._keep_office()
-        elif self.campaigning and self._try_lock():
-            await self._take_office()
-        else:
-            self._follow()
+        async with self._office:
+            own = self._record
+            if own is not None:
+                await self._keep_office(own)
+            elif self.campaigning and self._try_lock():
+                await self._take_office()
+            else:
+                self._follow()
 
     def _report(self, event: str, **fields: object) -> None:
         """Log an error once per event until its fields change or the node recovers."""
@@ -354,7 +195,7 @@ class LocalElectionDriver(DriverBase):
 
     def _try_lock(self) -> bool:
         try:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = store.lock_exclusively(self._lock_path)
         except FileNotFoundError:
             self._report("local_election_directory_missing", directory=str(self._directory))
             with contextlib.suppress(OSError):
@@ -365,21 +206,9 @@ class LocalElectionDriver(DriverBase):
                 "local_election_lock_unavailable", path=str(self._lock_path), reason=str(error)
             )
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+        if fd is None:
             return False
-        except OSError as error:
-            os.close(fd)
-            self._report(
-                "local_election_lock_unavailable", path=str(self._lock_path), reason=str(error)
-            )
-            return False
-        held = os.fstat(fd)
         self._lock_fd = fd
-        self._lock_identity = (held.st_dev, held.st_ino)
-        _HELD_LOCKS.add(fd)
         if not self._lock_is_current():
             # Locked a file that was unlinked or replaced meanwhile: it guards nothing.
             self._release_lock()
@@ -387,40 +216,27 @@ class LocalElectionDriver(DriverBase):
         return True
 
     def _lock_is_current(self) -> bool:
-        try:
-            now = os.stat(self._lock_path)
-        except OSError:
-            return False
-        return (now.st_dev, now.st_ino) == self._lock_identity
+        fd = self._lock_fd
+        return fd is not None and store.is_open_at(self._lock_path, fd)
 
     def _holds_record(self) -> bool:
         fd = self._record_fd
-        if fd is None:
-            return False
-        try:
-            now = os.stat(self._record_path)
-        except OSError:
-            return False
-        held = os.fstat(fd)
-        return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+        return fd is not None and store.is_open_at(self._record_path, fd)
 
     def _hold_record(self, fd: int | None) -> None:
         previous = self._record_fd
         self._record_fd = fd
         if fd is not None:
-            _HELD_LOCKS.add(fd)
+            store.track_lock(fd)
         if previous is not None:
-            _HELD_LOCKS.discard(previous)
-            os.close(previous)
+            store.close_lock(previous)
 
     def _release_lock(self) -> None:
         self._hold_record(None)
         fd = self._lock_fd
         self._lock_fd = None
-        self._lock_identity = None
         if fd is not None:
-            _HELD_LOCKS.discard(fd)
-            os.close(fd)
+            store.close_lock(fd)
 
     def _step_down(self) -> None:
         """Stop leading: tell subscribers first, then let a successor take the lock."""
@@ -430,10 +246,14 @@ class LocalElectionDriver(DriverBase):
         self._release_lock()
 
     def _next_epoch(self) -> int:
-        record = _read(self._record_path, LocalLeaderRecord)
-        counter = _read(self._epoch_path, LocalEpochCounter)
-        known = [source.epoch for source in (record, counter) if isinstance(source, BaseModel)]
-        corrupt = [source.reason for source in (record, counter) if isinstance(source, _Corrupt)]
+        record = store.read(self._record_path, LocalLeaderRecord)
+        counter = store.read(self._epoch_path, LocalEpochCounter)
+        known = [
+            source.epoch
+            for source in (record, counter)
+            if isinstance(source, LocalLeaderRecord | LocalEpochCounter)
+        ]
+        corrupt = [source.reason for source in (record, counter) if isinstance(source, Corrupt)]
         if corrupt and not known:
             raise ElectionStateCorrupt(
                 f"{RECORD_FILE} and {EPOCH_FILE} in {str(self._directory)!r} are both unreadable "
@@ -441,7 +261,7 @@ class LocalElectionDriver(DriverBase):
                 f'epoch already used; restore {EPOCH_FILE} as {{"epoch": N}} with N at least '
                 "the highest epoch clients may have seen"
             )
-        if isinstance(counter, _Corrupt):
+        if isinstance(counter, Corrupt):
             # The record alone bounds every published epoch: a leader publishes
             # only once its record is durable, and the record's epoch never decreases.
             self._report(
@@ -483,7 +303,7 @@ class LocalElectionDriver(DriverBase):
         hold = RECORD_FILE if RECORD_FILE in files else None
         try:
             fd = await anyio.to_thread.run_sync(
-                functools.partial(_write_durably, self._directory, files, hold=hold)
+                functools.partial(store.write_durably, self._directory, files, hold=hold)
             )
         except OSError as error:
             self._report(
@@ -495,16 +315,15 @@ class LocalElectionDriver(DriverBase):
             self._hold_record(fd)
         return True
 
-    async def _keep_office(self) -> None:
-        own = self._record
-        if own is None or not self._lock_is_current():
+    async def _keep_office(self, own: LocalLeaderRecord) -> None:
+        if not self._lock_is_current():
             self._report("local_election_lock_lost", path=str(self._lock_path))
             self._step_down()
             return
-        record = _read(self._record_path, LocalLeaderRecord)
-        counter = _read(self._epoch_path, LocalEpochCounter)
+        record = store.read(self._record_path, LocalLeaderRecord)
+        counter = store.read(self._epoch_path, LocalEpochCounter)
         for path, found in ((self._record_path, record), (self._epoch_path, counter)):
-            if isinstance(found, BaseModel) and found.epoch > own.epoch:
+            if isinstance(found, LocalLeaderRecord | LocalEpochCounter) and found.epoch > own.epoch:
                 # Someone else claims a newer term; re-run the election rather than argue.
                 self._report(
                     "local_election_record_conflict",
@@ -520,7 +339,7 @@ class LocalElectionDriver(DriverBase):
                 "local_election_epoch_restored",
                 node_id=self.node_id,
                 path=str(self._epoch_path),
-                reason=_damage(counter),
+                reason=store.damage(counter),
             )
             repairs[EPOCH_FILE] = LocalEpochCounter(epoch=own.epoch).model_dump_json().encode()
         if record != own or not self._holds_record():
@@ -528,17 +347,17 @@ class LocalElectionDriver(DriverBase):
                 "local_election_record_restored",
                 node_id=self.node_id,
                 path=str(self._record_path),
-                reason=_damage(record) if record != own else "replaced",
+                reason=store.damage(record) if record != own else "replaced",
             )
             repairs[RECORD_FILE] = own.model_dump_json().encode()
         if repairs:
             await self._write(repairs)
 
     def _follow(self) -> None:
-        found = _read(self._record_path, LocalLeaderRecord, held_only=True)
+        found = store.read(self._record_path, LocalLeaderRecord, held_only=True)
         high_water = self._watch.high_water
         state: LeaderState = Unknown()
-        if isinstance(found, _Corrupt):
+        if isinstance(found, Corrupt):
             self._report(
                 "local_election_record_corrupt", path=str(self._record_path), reason=found.reason
             )
@@ -558,11 +377,3 @@ class LocalElectionDriver(DriverBase):
             self._reported.clear()
             state = Follower(leader_endpoint=found.leader_endpoint, leader_epoch=found.epoch)
         self._publish(state)
-
-
-def _damage(found: LocalLeaderRecord | LocalEpochCounter | _Missing | _Corrupt | _Unheld) -> str:
-    if isinstance(found, _Corrupt):
-        return found.reason
-    if isinstance(found, LocalLeaderRecord | LocalEpochCounter):
-        return f"overwritten with epoch {found.epoch}"
-    return "missing"

@@ -2,11 +2,12 @@
 
 ``python -m leaderwatch.testing.runner local --directory D --endpoint host:port``
 ``python -m leaderwatch.testing.runner etcd --endpoints H:P[,H:P] --election NAME [--endpoint H:P]``
+``python -m leaderwatch.testing.runner postgres --dsn URI --election NAME [--endpoint H:P]``
 
 Options before the subcommand: ``--backend asyncio|trio`` (anyio backend;
-etcd needs asyncio) and ``--log-level debug|info|warning|error``. Every
-subcommand takes ``--node-id ID`` (the name in output and logs; default: the
-driver's, usually its endpoint).
+etcd and postgres need asyncio) and ``--log-level debug|info|warning|error``.
+Every subcommand takes ``--node-id ID`` (the name in output and logs;
+default: the driver's, usually its endpoint).
 
 Stdout carries only JSON lines, one per transition, each flushed::
 
@@ -127,6 +128,41 @@ def _etcd_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
     )
 
 
+def _postgres_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dsn", required=True, help="postgresql://user:password@host:port/database"
+    )
+    parser.add_argument("--election", required=True, help="election name (the row's key)")
+    parser.add_argument(
+        "--endpoint", default=None, help="host:port this node advertises; omit to only observe"
+    )
+    parser.add_argument("--ttl", type=int, default=10, help="lease time-to-live in seconds")
+    parser.add_argument(
+        "--margin", type=float, default=None, help="step down this long before ttl (seconds)"
+    )
+    parser.add_argument(
+        "--schema", default="leaderwatch", help="schema of the elections table (and channel)"
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=5.0, help="start-up connection deadline (s)"
+    )
+
+
+def _postgres_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
+    from leaderwatch.drivers.postgres import PostgresElectionDriver
+
+    return PostgresElectionDriver(
+        args.dsn,
+        election=args.election,
+        node_endpoint=args.endpoint,
+        ttl=args.ttl,
+        margin=args.margin,
+        schema=args.schema,
+        connect_timeout=args.connect_timeout,
+        node_id=node_id,
+    )
+
+
 BACKENDS: list[NodeBackend] = [
     NodeBackend("local", "file-lock election on this host", _local_arguments, _local_driver),
     NodeBackend(
@@ -134,6 +170,12 @@ BACKENDS: list[NodeBackend] = [
         "election on an etcd v3 cluster (needs the etcd extra; asyncio backend only)",
         _etcd_arguments,
         _etcd_driver,
+    ),
+    NodeBackend(
+        "postgres",
+        "election on a PostgreSQL table (needs the postgres extra; asyncio backend only)",
+        _postgres_arguments,
+        _postgres_driver,
     ),
 ]
 
