@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leaderwatch.client import CachedLeader, Follow, LeaderCache, NoLeaderYet, Rejected, Stale
+from leaderwatch.drivers import _local_store as local_store
 from leaderwatch.hint import (
     ENDPOINT_HEADER,
     EPOCH_HEADER,
@@ -531,6 +532,50 @@ def check_outcomes(args: tuple[Any, ...], result: object) -> None:
                 raise AssertionError(f"not a hint outcome: {outcome!r}")
 
 
+LOCAL_RECORDS = st.one_of(
+    st.builds(
+        local_store.LocalLeaderRecord,
+        epoch=st.integers(0, EPOCH_LIMIT - 1),
+        leader_endpoint=st.sampled_from(["a:1", "[::1]:9000", "10.0.0.7:50551"]),
+        node_id=SMALL_TEXT,
+        pid=SMALL_INTS,
+    ),
+    st.builds(local_store.LocalEpochCounter, epoch=st.integers(0, EPOCH_LIMIT - 1)),
+)
+LOCAL_FILE_TEXT = st.one_of(
+    WIRE_TEXT,
+    mutated(LOCAL_RECORDS.map(lambda record: record.model_dump_json())),
+    HUGE_INT_TEXT.map(lambda digits: f'{{"epoch": {digits}}}'),
+    st.builds(
+        '{{"epoch": {}, "leader_endpoint": "a:1", "node_id": {}, "pid": 1}}'.format,
+        st.one_of(
+            st.integers(-(2**130), 2**130).map(str),
+            st.sampled_from([EPOCH_LIMIT - 1, EPOCH_LIMIT, -1, 0]).map(str),
+            HUGE_INT_TEXT,
+        ),
+        st.text(ANY_CHARS, max_size=8).map(json.dumps),
+    ),
+)
+LOCAL_FILES = st.one_of(
+    WIRE_BYTES, st.builds(encoded, LOCAL_FILE_TEXT, st.sampled_from(["utf-8", "utf-16"]))
+)
+
+
+def check_local_file(args: tuple[Any, ...], result: object) -> None:
+    match result:
+        case local_store.Corrupt(reason=reason):
+            assert isinstance(reason, str)
+            assert len(reason) <= MAX_MESSAGE
+        case local_store.LocalLeaderRecord() | local_store.LocalEpochCounter():
+            assert isinstance(result, args[1])
+            assert 0 <= result.epoch < EPOCH_LIMIT
+            assert local_store.parse(result.model_dump_json().encode(), args[1]) == result
+            if isinstance(result, local_store.LocalLeaderRecord):
+                parse_endpoint(result.leader_endpoint)
+        case _:
+            raise AssertionError(f"not a local election file: {result!r}")
+
+
 # --- the targets -------------------------------------------------------------------------------
 
 
@@ -628,6 +673,15 @@ TARGETS = [
         epoch_from_wire,
         check_joined_epoch,
         (InvalidEpoch,),
+    ),
+    Target(
+        "local election files",
+        st.tuples(
+            LOCAL_FILES,
+            st.sampled_from([local_store.LocalLeaderRecord, local_store.LocalEpochCounter]),
+        ),
+        local_store.parse,
+        check_local_file,
     ),
 ]
 

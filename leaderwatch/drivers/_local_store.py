@@ -2,7 +2,8 @@
 
 A directory holds three files:
 
-- :data:`LOCK_FILE`, the file candidates ``flock``; never written, never deleted;
+- :data:`LOCK_FILE`, the file candidates ``flock``; never written, never deleted
+  by the driver;
 - :data:`EPOCH_FILE`, a :class:`LocalEpochCounter`: the highest epoch ever taken;
 - :data:`RECORD_FILE`, a :class:`LocalLeaderRecord`: who leads, at which epoch.
   Its writer keeps an exclusive ``flock`` on it while it leads, so readers
@@ -19,14 +20,22 @@ The crash contract, which :func:`write_durably` keeps:
   are fsync-ed). A writer killed mid-write may leave a hidden ``.NAME.*.tmp``
   file behind; nothing reads it.
 
+Every file of the directory is opened without following a symbolic link and
+without blocking, and used only if it is a regular file: anything else (a
+FIFO, a socket, a device, a directory, a link) is reported as
+:class:`Corrupt`, so nothing an outsider puts in the directory can block the
+event loop.
+
 The formats are private to the local driver and are not API.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 import sys
 from pathlib import Path
 from typing import Final, TypeVar
@@ -34,6 +43,7 @@ from typing import Final, TypeVar
 from pydantic import ValidationError
 
 from leaderwatch._value import FrozenValue
+from leaderwatch.errors import LeaderwatchError
 from leaderwatch.state import Endpoint, Epoch
 
 if sys.platform != "win32":
@@ -50,13 +60,17 @@ __all__ = [
     "LocalLeaderRecord",
     "Missing",
     "Unheld",
+    "WriteFailed",
     "close_lock",
     "damage",
+    "is_held",
     "is_open_at",
     "lock_exclusively",
+    "parse",
     "prepare",
     "read",
     "track_lock",
+    "unreplaceable",
     "write_durably",
 ]
 
@@ -115,6 +129,70 @@ class Corrupt:
         self.reason = reason
 
 
+_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+# What open(2) says when O_NOFOLLOW meets a link (ELOOP; EMLINK on FreeBSD), or the
+# path names a directory, a socket or a device without a driver.
+_NOT_REGULAR_ERRORS: Final = {
+    errno.ELOOP: "a symbolic link",
+    errno.EMLINK: "a symbolic link",
+    errno.EISDIR: "a directory",
+    errno.ENXIO: "a socket or device",
+    errno.ENODEV: "a device",
+}
+
+_MAX_REASON_PART: Final = 120
+
+
+def _not_regular(kind: str) -> Corrupt:
+    return Corrupt(f"not a regular file ({kind})")
+
+
+def _irregular_kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for is_kind, kind in _KINDS if is_kind(mode)), "an unknown file type")
+
+
+def _open_regular(path: Path, flags: int) -> int | Corrupt:
+    """Open ``path`` without following a link and without blocking, if it is a regular file.
+
+    The ``lstat`` before ``open`` keeps a device node from being opened at
+    all; the ``fstat`` after it settles a race with a replacement. Raises
+    ``OSError`` for any other failure (``FileNotFoundError`` when missing).
+    """
+    try:
+        kind = _irregular_kind(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        if not flags & os.O_CREAT:
+            raise
+        kind = None
+    if kind is not None:
+        return _not_regular(kind)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno in _NOT_REGULAR_ERRORS:
+            return _not_regular(_NOT_REGULAR_ERRORS[error.errno])
+        raise
+    try:
+        kind = _irregular_kind(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if kind is not None:
+        os.close(fd)
+        return _not_regular(kind)
+    return fd
+
+
 def _nobody_holds(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -126,35 +204,111 @@ def _nobody_holds(fd: int) -> bool:
     return True  # released when the caller closes the file
 
 
-def read(
-    path: Path, model: type[_Model], *, held_only: bool = False
-) -> _Model | Missing | Corrupt | Unheld:
-    """The ``model`` stored at ``path``, or why there is none.
+def _read_all(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
-    :data:`MISSING` when no file exists; :class:`Corrupt` when it cannot be
-    read, is empty, is larger than :data:`MAX_FILE_SIZE` or does not
-    validate as ``model``; with ``held_only``, :data:`UNHELD` when it is
-    valid but no process holds a lock on it. Never raises ``OSError``.
+
+def parse(data: bytes, model: type[_Model]) -> _Model | Corrupt:
+    """``data`` as a ``model``, or :class:`Corrupt` saying why not; never raises.
+
+    Corrupt when ``data`` is empty, larger than :data:`MAX_FILE_SIZE` or does
+    not validate as ``model``; the reason stays short whatever the input.
     """
-    try:
-        with path.open("rb") as file:
-            data = file.read(MAX_FILE_SIZE + 1)
-            unheld = held_only and _nobody_holds(file.fileno())
-    except FileNotFoundError:
-        return MISSING
-    except OSError as error:
-        return Corrupt(f"unreadable: {error.strerror or error}")
     if len(data) > MAX_FILE_SIZE:
         return Corrupt(f"larger than {MAX_FILE_SIZE} bytes")
     if not data:
         return Corrupt("empty (truncated?)")
     try:
-        found = model.model_validate_json(data)
+        return model.model_validate_json(data)
     except ValidationError as error:
-        first = error.errors()[0]
+        first = error.errors(include_url=False, include_input=False)[0]
         where = ".".join(str(part) for part in first["loc"]) or "document"
-        return Corrupt(f"invalid {model.__name__}: {where}: {first['msg']}")
-    return UNHELD if unheld else found
+        return Corrupt(
+            f"invalid {model.__name__}: {_shorten(where)}: {_shorten(str(first['msg']))}"
+        )
+    except ValueError as error:  # defensive: pydantic reports JSON faults as ValidationError
+        return Corrupt(f"invalid {model.__name__}: {_shorten(str(error))}")
+
+
+def _shorten(text: str) -> str:
+    if len(text) <= _MAX_REASON_PART:
+        return text
+    return text[: _MAX_REASON_PART - 3] + "..."
+
+
+def read(
+    path: Path, model: type[_Model], *, held_only: bool = False
+) -> _Model | Missing | Corrupt | Unheld:
+    """The ``model`` stored at ``path``, or why there is none.
+
+    :data:`MISSING` when nothing is at ``path``; :class:`Corrupt` when it is
+    not a regular file (never followed, never waited on), cannot be read, is
+    empty, is larger than :data:`MAX_FILE_SIZE` or does not validate as
+    ``model``; with ``held_only``, :data:`UNHELD` when it is valid but no
+    process holds a lock on it. Never blocks; never raises ``OSError``.
+    """
+    try:
+        fd = _open_regular(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return MISSING
+    except OSError as error:
+        return Corrupt(f"unreadable: {error.strerror or error}")
+    if isinstance(fd, Corrupt):
+        return fd
+    try:
+        data = _read_all(fd, MAX_FILE_SIZE + 1)
+        unheld = held_only and _nobody_holds(fd)
+    except OSError as error:
+        return Corrupt(f"unreadable: {error.strerror or error}")
+    finally:
+        os.close(fd)
+    found = parse(data, model)
+    return UNHELD if unheld and not isinstance(found, Corrupt) else found
+
+
+def is_held(path: Path) -> bool:
+    """Whether some open file holds a lock on the regular file at ``path``.
+
+    A leader holds its record locked until it has stepped down, so ``True``
+    means a leader may still be in office. ``False`` when nothing, no
+    regular file or no file this process may open is at ``path`` (a live
+    leader repairs such a record on its next poll); ``True`` when a lock
+    cannot be tried on it, which keeps a possibly live leader from being
+    ignored. Never blocks.
+    """
+    try:
+        fd = _open_regular(path, os.O_RDONLY)
+    except OSError:
+        return False
+    if isinstance(fd, Corrupt):
+        return False
+    try:
+        return not _nobody_holds(fd)
+    finally:
+        os.close(fd)
+
+
+def unreplaceable(path: Path) -> str | None:
+    """Why :func:`write_durably` cannot replace what stands at ``path``, or ``None`` if it can.
+
+    A rename replaces a regular file, a link, a FIFO, a socket or a device,
+    but never a directory, and the driver never deletes one: an operator must.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISDIR(mode):
+        return f"a directory stands where {path.name} belongs; remove it"
+    return None
 
 
 def damage(found: LocalLeaderRecord | LocalEpochCounter | Missing | Corrupt | Unheld) -> str:
@@ -174,6 +328,22 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+class WriteFailed(LeaderwatchError, OSError):
+    """:func:`write_durably` failed: at which ``step``, for which file ``name``, and why.
+
+    ``errno`` and ``strerror`` are the operating system's. The message names
+    no temporary file, so one failure reads the same each time it recurs.
+    """
+
+    def __init__(self, step: str, name: str, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or type(error).__name__)
+        self.step = step
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"{self.step} {self.name}: {self.strerror}"
+
+
 def write_durably(
     directory: Path, files: dict[str, bytes], *, hold: str | None = None
 ) -> int | None:
@@ -184,23 +354,28 @@ def write_durably(
     On return every new file survives a crash of the host. With ``hold``,
     the new file of that name is exclusively ``flock``-ed before anyone can
     see it, and the open descriptor holding that lock is returned. On error
-    an ``OSError`` is raised, no temporary file is left behind and no lock
-    is held; files already replaced stay replaced.
+    :class:`WriteFailed` is raised, no temporary file is left behind and no
+    lock is held; files already replaced stay replaced.
     """
     staged: list[tuple[Path, Path]] = []
     held: int | None = None
+    step, name = "create", ""
     try:
         for name, data in files.items():
+            step = "create"
             temp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             staged.append((temp, directory / name))
             keep = name == hold
             try:
                 if keep:
+                    step = "lock"
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                step = "write"
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
+                step = "fsync"
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)
@@ -211,14 +386,19 @@ def write_durably(
                 os.close(fd)
         # Renamed only once all are written, in order: the epoch counter
         # before the record, so a record never names an epoch the counter lacks.
+        step = "rename"
         for temp, target in staged:
+            name = target.name
             os.replace(temp, target)
+        step, name = "fsync", "the directory"
         _fsync_directory(directory)
-    except BaseException:
+    except BaseException as error:
         for temp, _ in staged:
             temp.unlink(missing_ok=True)
         if held is not None:
             os.close(held)
+        if isinstance(error, OSError):
+            raise WriteFailed(step, name, error) from error
         raise
     return held
 
@@ -226,24 +406,37 @@ def write_durably(
 def prepare(directory: Path) -> None:
     """Create ``directory`` and its lock file if missing, and check files can be created there.
 
-    Raises ``OSError`` when the directory is not usable.
+    Whatever already stands at the lock file's path is left alone (the
+    election reports it if it is not a regular file). Raises ``OSError``
+    when the directory is not usable.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    os.close(os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    with contextlib.suppress(FileExistsError):
+        os.close(
+            os.open(
+                directory / LOCK_FILE,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
+        )
     probe = directory / f".probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     probe.touch(exist_ok=False)
     probe.unlink()
 
 
-def lock_exclusively(path: Path) -> int | None:
+def lock_exclusively(path: Path) -> int | Corrupt | None:
     """Open ``path`` (creating it) and take an exclusive ``flock`` on it without waiting.
 
     Returns the descriptor holding the lock (tracked as by :func:`track_lock`;
-    release it with :func:`close_lock`), or ``None`` when another open file
-    holds a lock on it. Raises ``OSError`` when the lock cannot be tried
-    (``FileNotFoundError`` when the directory is gone); nothing stays open then.
+    release it with :func:`close_lock`), ``None`` when another open file
+    holds a lock on it, or :class:`Corrupt` when something other than a
+    regular file stands at ``path`` (a link is never followed). Raises
+    ``OSError`` when the lock cannot be tried (``FileNotFoundError`` when the
+    directory is gone); nothing stays open then. Never blocks.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = _open_regular(path, os.O_RDWR | os.O_CREAT)
+    if isinstance(fd, Corrupt):
+        return fd
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -257,9 +450,12 @@ def lock_exclusively(path: Path) -> int | None:
 
 
 def is_open_at(path: Path, fd: int) -> bool:
-    """Whether ``path`` still names the file open at ``fd`` (not unlinked, not replaced)."""
+    """Whether ``path`` still names the file open at ``fd`` (not unlinked, not replaced).
+
+    A link at ``path`` never counts, even one that leads to that file.
+    """
     try:
-        now = os.stat(path)
+        now = os.lstat(path)
     except OSError:
         return False
     held = os.fstat(fd)

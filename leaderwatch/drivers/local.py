@@ -20,7 +20,9 @@ import functools
 import math
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Final
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -50,6 +52,13 @@ __all__ = [
 
 _log = get_logger("leaderwatch.drivers.local")
 
+# Reported once until the lock file is a regular file again (whoever leads meanwhile).
+_LOCK_FILE_EVENTS: Final = (
+    "local_election_directory_missing",
+    "local_election_lock_damaged",
+    "local_election_lock_unavailable",
+)
+
 
 class LocalElectionError(LeaderwatchError, RuntimeError):
     """The election directory cannot be used; the message says why and what to do."""
@@ -64,14 +73,23 @@ class LocalElectionDriver(DriverBase):
 
     Guarantees:
 
-    - At most one driver holds the lock on ``directory/leader.lock`` at a
-      time, and only the holder publishes ``Leader``. It publishes
-      ``Leader(epoch)`` only after the epoch and its record are durable.
+    - Only a driver holding the lock on the file now at
+      ``directory/leader.lock`` publishes ``Leader``, and only after the
+      epoch and its record are durable. It takes office only once no live
+      process holds the record it replaces: a leader whose lock file was
+      deleted or replaced publishes ``Unknown()`` before it lets go of its
+      record, so two nodes never show ``Leader`` at once. (Only when the
+      record is deleted or replaced in the same instant as the lock file —
+      the whole directory removed — can the old leader overlap its
+      successor, for at most its own ``poll_interval``, at a lower epoch.)
     - Each new leader takes an epoch strictly above every epoch published
       from the directory and every epoch this node published, so epochs
       increase across leaders and restarts. If the record and the epoch
       counter are both unreadable it raises :class:`ElectionStateCorrupt`
-      instead of guessing (the lock is released first).
+      instead of guessing (the lock is released first). When no epoch is
+      left (the counter or record holds ``2**128 - 1``) nobody takes office:
+      each candidate logs ``local_election_epochs_exhausted`` once, keeps
+      following, and campaigns again once an operator restored the counter.
     - The kernel releases the lock when the holder exits or dies: a
       candidate takes over within one ``poll_interval`` plus the durable
       write, with no lease timeout. Leaving ``async with`` publishes
@@ -90,8 +108,17 @@ class LocalElectionDriver(DriverBase):
       (``local_election_lock_lost``); a leader whose record or epoch counter
       was damaged, deleted or replaced rewrites it; a leader that finds a
       higher epoch in either file steps down and the election runs again.
-    - The event loop is never blocked waiting for the lock or for the disk;
-      a candidate notices a free lock within ``poll_interval`` seconds.
+    - Damage is logged once and never churns: a lock file that is not a
+      regular file (a link, a FIFO, ...) is used by nobody
+      (``local_election_lock_damaged``); a directory where the record or
+      the counter belongs is never written over (``local_election_unrepairable``):
+      a leader keeps its office, a candidate does not take one, and no epoch
+      is used up; a failed write is logged once per distinct failure
+      (``local_election_write_failed`` with ``step``, ``file``, ``reason``).
+    - The event loop is never blocked waiting for the lock or for the disk,
+      whatever stands in the directory: files are opened non-blocking
+      without following links, and anything but a regular file is a corrupt
+      file. A candidate notices a free lock within ``poll_interval`` seconds.
 
     Raises ``InvalidEndpoint`` for a ``node_endpoint`` that is not a
     scheme-less ``host:port``, ``ValueError`` for a non-positive
@@ -116,7 +143,9 @@ class LocalElectionDriver(DriverBase):
             raise ValueError(f"poll_interval must be > 0 seconds (got {poll_interval!r})")
         if sys.platform == "win32":
             raise LocalElectionError("LocalElectionDriver needs POSIX flock(2); not on Windows")
-        super().__init__(endpoint if node_id is None else node_id, strict=strict)
+        super().__init__(
+            endpoint if node_id is None else node_id, strict=strict, self_endpoint=endpoint
+        )
         self._endpoint = endpoint
         self._poll_interval = float(poll_interval)
         self._directory = Path(directory).absolute()
@@ -193,7 +222,18 @@ class LocalElectionDriver(DriverBase):
             self._reported[event] = key
             _log.error(event, node_id=self.node_id, **fields)
 
+    def _forget(self, events: Iterable[str]) -> None:
+        """The conditions ``events`` reported are over: report them again if they recur."""
+        for event in tuple(events):
+            self._reported.pop(event, None)
+
     def _try_lock(self) -> bool:
+        """Whether this node holds the lock on the current lock file (taking it if free)."""
+        if self._lock_fd is not None:
+            # Won on an earlier poll, still waiting for the previous leader to let go.
+            if self._lock_is_current():
+                return True
+            self._release_lock()
         try:
             fd = store.lock_exclusively(self._lock_path)
         except FileNotFoundError:
@@ -206,6 +246,11 @@ class LocalElectionDriver(DriverBase):
                 "local_election_lock_unavailable", path=str(self._lock_path), reason=str(error)
             )
             return False
+        if isinstance(fd, Corrupt):
+            # Nobody can lead through it: a link may lead to a file that a rename replaces.
+            self._report("local_election_lock_damaged", path=str(self._lock_path), reason=fd.reason)
+            return False
+        self._forget(_LOCK_FILE_EVENTS)
         if fd is None:
             return False
         self._lock_fd = fd
@@ -245,7 +290,8 @@ class LocalElectionDriver(DriverBase):
         self._record = None
         self._release_lock()
 
-    def _next_epoch(self) -> int:
+    def _next_epoch(self) -> int | None:
+        """The epoch a new leader takes; ``None`` (logged once) when every epoch was used."""
         record = store.read(self._record_path, LocalLeaderRecord)
         counter = store.read(self._epoch_path, LocalEpochCounter)
         known = [
@@ -270,18 +316,40 @@ class LocalElectionDriver(DriverBase):
         high_water = self._watch.high_water
         if high_water is not None:
             known.append(high_water)
-        epoch = max(known, default=0) + 1
-        if epoch >= EPOCH_LIMIT:
-            raise ElectionStateCorrupt(f"epochs in {str(self._directory)!r} are exhausted")
-        return epoch
+        used = max(known, default=0)
+        if used + 1 >= EPOCH_LIMIT:
+            # No fresh epoch exists, and reusing one could name two leaders: nobody leads
+            # until an operator restores the counter; the process stays up to resume then.
+            self._report(
+                "local_election_epochs_exhausted", directory=str(self._directory), epoch=used
+            )
+            return None
+        return used + 1
 
     async def _take_office(self) -> None:
+        """Lead, once the lock is this node's and the previous leader is out of office."""
+        if store.is_held(self._record_path):
+            # The lock file was deleted or replaced under a leader that still holds its
+            # record: it publishes Unknown() before letting go of the record, so waiting
+            # for the record keeps two leaders from ever serving at once.
+            self._follow()
+            return
+        for path in (self._epoch_path, self._record_path):
+            obstruction = store.unreplaceable(path)
+            if obstruction is not None:
+                # Writing would fail at the rename and burn an epoch on every try.
+                self._report("local_election_unrepairable", path=str(path), reason=obstruction)
+                self._decline()
+                return
         try:
             epoch = self._next_epoch()
         except ElectionStateCorrupt as error:
             _log.error("local_election_state_corrupt", node_id=self.node_id, reason=str(error))
             self._step_down()
             raise
+        if epoch is None:
+            self._decline()
+            return
         record = LocalLeaderRecord(
             epoch=epoch, leader_endpoint=self._endpoint, node_id=self.node_id, pid=os.getpid()
         )
@@ -291,12 +359,23 @@ class LocalElectionDriver(DriverBase):
         }
         if not await self._write(files):
             return
+        if not self._lock_is_current():
+            # Replaced while writing: a node that locked the new file waits for the
+            # record this node now holds, so stepping down unpublished is enough.
+            self._report("local_election_lock_lost", path=str(self._lock_path))
+            self._step_down()
+            return
         self._record = record
         self._reported.clear()
         _log.info(
             "local_election_won", node_id=self.node_id, epoch=epoch, directory=str(self._directory)
         )
         self._publish(Leader(epoch=epoch))
+
+    def _decline(self) -> None:
+        """Give the lock back without having led, and keep following."""
+        self._release_lock()
+        self._follow()
 
     async def _write(self, files: dict[str, bytes]) -> bool:
         """Write ``files`` durably, holding the new record; on failure step down."""
@@ -305,9 +384,13 @@ class LocalElectionDriver(DriverBase):
             fd = await anyio.to_thread.run_sync(
                 functools.partial(store.write_durably, self._directory, files, hold=hold)
             )
-        except OSError as error:
+        except store.WriteFailed as error:
             self._report(
-                "local_election_write_failed", directory=str(self._directory), reason=str(error)
+                "local_election_write_failed",
+                directory=str(self._directory),
+                step=error.step,
+                file=error.name,
+                reason=error.strerror,
             )
             self._step_down()
             return False
@@ -333,23 +416,37 @@ class LocalElectionDriver(DriverBase):
                 )
                 self._step_down()
                 return
-        repairs: dict[str, bytes] = {}
+        damaged: list[tuple[str, Path, str, bytes]] = []
         if not (isinstance(counter, LocalEpochCounter) and counter.epoch == own.epoch):
-            _log.warning(
-                "local_election_epoch_restored",
-                node_id=self.node_id,
-                path=str(self._epoch_path),
-                reason=store.damage(counter),
+            damaged.append(
+                (
+                    EPOCH_FILE,
+                    self._epoch_path,
+                    store.damage(counter),
+                    LocalEpochCounter(epoch=own.epoch).model_dump_json().encode(),
+                )
             )
-            repairs[EPOCH_FILE] = LocalEpochCounter(epoch=own.epoch).model_dump_json().encode()
         if record != own or not self._holds_record():
+            reason = store.damage(record) if record != own else "replaced"
+            damaged.append((RECORD_FILE, self._record_path, reason, own.model_dump_json().encode()))
+        if not damaged:
+            self._forget(["local_election_unrepairable"])
+        repairs: dict[str, bytes] = {}
+        for name, path, reason, data in damaged:
+            obstruction = store.unreplaceable(path)
+            if obstruction is not None:
+                # The lock is still this node's: keep leading, and repair once it can be.
+                self._report("local_election_unrepairable", path=str(path), reason=obstruction)
+                continue
             _log.warning(
-                "local_election_record_restored",
+                "local_election_epoch_restored"
+                if name == EPOCH_FILE
+                else "local_election_record_restored",
                 node_id=self.node_id,
-                path=str(self._record_path),
-                reason=store.damage(record) if record != own else "replaced",
+                path=str(path),
+                reason=reason,
             )
-            repairs[RECORD_FILE] = own.model_dump_json().encode()
+            repairs[name] = data
         if repairs:
             await self._write(repairs)
 
@@ -374,6 +471,6 @@ class LocalElectionDriver(DriverBase):
                 high_water=high_water,
             )
         else:
-            self._reported.clear()
+            self._forget(event for event in self._reported if event not in _LOCK_FILE_EVENTS)
             state = Follower(leader_endpoint=found.leader_endpoint, leader_epoch=found.epoch)
         self._publish(state)

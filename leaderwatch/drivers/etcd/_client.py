@@ -20,7 +20,7 @@ from typing import Any, Final, Literal, NoReturn, TypeVar
 
 import anyio
 import anyio.lowlevel
-import grpc  # type: ignore[import-untyped]
+import grpc
 from aetcd import rpc
 
 from leaderwatch._log import get_logger
