@@ -39,8 +39,8 @@ Faults, local (one election directory):
 - ``record_truncate`` / ``record_garbage``: truncate ``leader.json`` or
   overwrite it with random bytes in place; ``epoch_truncate`` /
   ``epoch_garbage``: the same for ``epoch.json``;
-- ``lock_delete`` (known broken, issue 11 §1 defect 3; only with
-  ``--known-defects``): unlink ``leader.lock``, in a separate phase.
+- ``record_fifo``: replace ``leader.json`` with a FIFO (issue 11 §1 defect 2);
+- ``lock_delete``: unlink ``leader.lock`` (issue 11 §1 defect 3).
 
 After the run every candidate is stopped with SIGTERM and the leaks are
 counted: child processes still alive, keys left under the election prefix
@@ -97,21 +97,20 @@ STANDARD_FAULTS: dict[str, tuple[str, ...]] = {
         "record_garbage",
         "epoch_truncate",
         "epoch_garbage",
+        "record_fifo",
+        "lock_delete",
     ),
 }
 # Faults that break a rule until a defect of issue 11 §1 is fixed: each runs only when
 # asked for, in a phase of its own, and its violations are reported apart.
 # TODO(issue 11 §1 defect 1): once fixed, move "etcd_wipe" to STANDARD_FAULTS["etcd"] so CI
 # requires 0 violations under it (it wipes every member, so it works on 3 members too).
-# TODO(issue 11 §1 defect 3): once fixed, move "lock_delete" to STANDARD_FAULTS["local"].
 KNOWN_BROKEN: dict[str, dict[str, str]] = {
     "etcd": {
         "etcd_wipe": "issue 11 §1 defect 1: epoch reuse after etcd loses its data "
         "(single-member phase)",
     },
-    "local": {
-        "lock_delete": "issue 11 §1 defect 3: deleting leader.lock gives two simultaneous leaders",
-    },
+    "local": {},
 }
 STARTUP_S = 60.0
 SHUTDOWN_S = 15.0
@@ -610,6 +609,13 @@ def local_backend(directory: Path, *, poll_interval: float) -> Backend:
 
         return inject
 
+    def record_fifo(phase: Phase) -> Fault:
+        start = _now()
+        staged = directory / ".chaos-fifo"
+        os.mkfifo(staged)
+        os.replace(staged, directory / "leader.json")
+        return Fault(kind="record_fifo", start=start, end=_now(), target="leader.json")
+
     def lock_delete(phase: Phase) -> Fault:
         start = _now()
         with contextlib.suppress(FileNotFoundError):
@@ -634,6 +640,7 @@ def local_backend(directory: Path, *, poll_interval: float) -> Backend:
             "record_garbage": damage("record_garbage", "leader.json", True),
             "epoch_truncate": damage("epoch_truncate", "epoch.json", False),
             "epoch_garbage": damage("epoch_garbage", "epoch.json", True),
+            "record_fifo": record_fifo,
             "lock_delete": lock_delete,
         },
         leaks=leaks,
