@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from leaderwatch.state import Follower, Leader, Unknown, leader_state_from_json, observed_epoch
+from leaderwatch.state import Follower, Leader, Unknown, leader_state_from_json
+from leaderwatch.testing import HistoryReport, LeadershipHistory
 
 __all__ = [
     "RUNNER",
@@ -32,7 +33,9 @@ __all__ = [
     "NodeTimeout",
     "Report",
     "assert_epochs_never_decrease",
+    "assert_history_ok",
     "assert_one_leader_per_epoch",
+    "history_of",
 ]
 
 RUNNER: tuple[str, ...] = (sys.executable, "-m", "leaderwatch.testing.runner")
@@ -70,6 +73,8 @@ class NodeProcess:
         self.reports: list[Report] = []
         self.stderr_lines: list[str] = []
         self.bad_lines: list[str] = []
+        self.signalled_at: float | None = None
+        """When SIGKILL or SIGTERM was last sent (``time.monotonic()``)."""
         # Shared with a NodeSet so that one wait sees every node's reports.
         self._changed = changed or threading.Condition()
         self.process = subprocess.Popen(
@@ -182,13 +187,13 @@ class NodeProcess:
 
     def kill9(self) -> float:
         """Send SIGKILL; return ``time.monotonic()`` just before sending it."""
-        sent = time.monotonic()
+        sent = self.signalled_at = time.monotonic()
         os.kill(self.pid, signal.SIGKILL)
         return sent
 
     def terminate(self) -> float:
         """Send SIGTERM; return ``time.monotonic()`` just before sending it."""
-        sent = time.monotonic()
+        sent = self.signalled_at = time.monotonic()
         os.kill(self.pid, signal.SIGTERM)
         return sent
 
@@ -300,25 +305,51 @@ class NodeSet:
         self.stop_all()
 
 
+def _endpoint_of(node: NodeProcess) -> str | None:
+    argv = node.argv
+    return argv[argv.index("--endpoint") + 1] if "--endpoint" in argv[:-1] else None
+
+
+def history_of(nodes: Sequence[NodeProcess]) -> LeadershipHistory:
+    """Everything ``nodes`` reported, as a :class:`LeadershipHistory` keyed by process name.
+
+    Each node's ``--endpoint`` is declared; a process that exited is marked
+    gone when it was signalled (or at its last report, if later).
+    """
+    history = LeadershipHistory()
+    for node in nodes:
+        endpoint = _endpoint_of(node)
+        if endpoint is not None:
+            history.declare(node.name, endpoint=endpoint)
+        reports = list(node.reports)
+        for report in reports:
+            history.record(node.name, report.state, t=report.t)
+        if node.process.poll() is not None:
+            last = reports[-1].t if reports else time.monotonic()
+            history.mark_gone(node.name, t=max(last, node.signalled_at or last))
+    return history
+
+
+def assert_history_ok(
+    nodes: Sequence[NodeProcess], *, overlap_margin: float = 0.0, complete: bool = False
+) -> HistoryReport:
+    """Every rule of :meth:`LeadershipHistory.check` holds for what ``nodes`` reported."""
+    report = history_of(nodes).check(overlap_margin=overlap_margin, complete=complete)
+    report.raise_for_violations()
+    return report
+
+
+def _assert_none(nodes: Sequence[NodeProcess], *kinds: str) -> None:
+    report = history_of(nodes).check(overlap_margin=float("inf"))
+    found = [violation for violation in report.violations if violation.kind in kinds]
+    assert not found, "\n".join(violation.describe() for violation in found)
+
+
 def assert_epochs_never_decrease(nodes: Sequence[NodeProcess]) -> None:
     """Each node's reported epochs (Leader or Follower) never go down."""
-    for node in nodes:
-        high: int | None = None
-        for state in node.states:
-            epoch = observed_epoch(state)
-            if epoch is None:
-                continue
-            assert high is None or epoch >= high, f"{node.name} regressed: {node.states!r}"
-            high = epoch
+    _assert_none(nodes, "epoch_decreased")
 
 
 def assert_one_leader_per_epoch(nodes: Sequence[NodeProcess]) -> None:
     """No two processes ever reported ``Leader`` at the same epoch."""
-    owners: dict[int, str] = {}
-    for node in nodes:
-        for state in node.states:
-            if isinstance(state, Leader):
-                owner = owners.setdefault(state.epoch, node.name)
-                assert owner == node.name, (
-                    f"{owner} and {node.name} both led at epoch {state.epoch}"
-                )
+    _assert_none(nodes, "epoch_led_twice")

@@ -19,6 +19,7 @@ from nodes import (
     NodeProcess,
     NodeSet,
     assert_epochs_never_decrease,
+    assert_history_ok,
     assert_one_leader_per_epoch,
 )
 
@@ -542,6 +543,8 @@ def test_kill9_of_the_leader_elects_a_successor_with_a_higher_epoch(
     assert back.state == Follower(leader_endpoint=new_endpoint, leader_epoch=leader_epoch(new))
     assert_epochs_never_decrease(cluster.nodes)
     assert_one_leader_per_epoch(cluster.nodes)
+    # Every candidate is recorded: every hint must name an epoch one of them led at.
+    assert_history_ok(cluster.nodes, complete=True)
 
 
 def test_sigterm_hands_over_and_restarts_keep_epochs_increasing(
@@ -570,6 +573,8 @@ def test_sigterm_hands_over_and_restarts_keep_epochs_increasing(
     assert fresh.wait_exit(FAILOVER) == 0
     assert_epochs_never_decrease(cluster.nodes)
     assert_one_leader_per_epoch(cluster.nodes)
+    # Every candidate is recorded: every hint must name an epoch one of them led at.
+    assert_history_ok(cluster.nodes, complete=True)
     assert all(not node.bad_lines for node in cluster.nodes)
 
 

@@ -1,5 +1,11 @@
 """Tools for testing services and drivers built on leaderwatch.
 
+- :func:`check_driver_contract` / :func:`assert_driver_contract`: the
+  conformance kit every driver passes (see :data:`CONTRACT_CHECKS`).
+- :class:`LeadershipHistory`: record what many nodes reported, in-process
+  or from the runner's JSON lines, and check it (one leader per epoch,
+  epochs never decrease, no overlapping leaders, hints that name real
+  leaders, convergence after faults).
 - :func:`capture_events`: collect the library's log events as dicts.
 - :mod:`leaderwatch.testing.runner`: run one node of any driver as a
   process that prints each leadership transition as a JSON line
@@ -14,8 +20,44 @@ from collections.abc import Iterator
 from typing import Any
 
 from leaderwatch.logs import event_of
+from leaderwatch.testing._conformance import (
+    CONTRACT_CHECKS,
+    ContractReport,
+    ContractViolated,
+    ContractViolation,
+    assert_driver_contract,
+    check_driver_contract,
+)
+from leaderwatch.testing._history import (
+    Fault,
+    HistoryEvent,
+    HistoryLineInvalid,
+    HistoryReport,
+    HistoryViolated,
+    HistoryViolation,
+    LeadershipHistory,
+    LeaderTerm,
+    ViolationKind,
+)
 
-__all__ = ["capture_events"]
+__all__ = [
+    "CONTRACT_CHECKS",
+    "ContractReport",
+    "ContractViolated",
+    "ContractViolation",
+    "Fault",
+    "HistoryEvent",
+    "HistoryLineInvalid",
+    "HistoryReport",
+    "HistoryViolated",
+    "HistoryViolation",
+    "LeaderTerm",
+    "LeadershipHistory",
+    "ViolationKind",
+    "assert_driver_contract",
+    "capture_events",
+    "check_driver_contract",
+]
 
 
 class _Collector(logging.Handler):

@@ -1,19 +1,45 @@
-"""Run one election node and report each leadership transition as a JSON line.
+"""Run one election node as a process and report each leadership transition as a JSON line.
 
 ``python -m leaderwatch.testing.runner local --directory D --endpoint host:port``
-``python -m leaderwatch.testing.runner etcd --endpoints H:P --election NAME [--endpoint host:port]``
-``python -m leaderwatch.testing.runner postgres --dsn URI --election NAME [--endpoint host:port]``
+``python -m leaderwatch.testing.runner etcd --endpoints H:P[,H:P] --election NAME [--endpoint H:P]``
+``python -m leaderwatch.testing.runner postgres --dsn URI --election NAME [--endpoint H:P]``
+
+Options before the subcommand: ``--backend asyncio|trio`` (anyio backend;
+etcd and postgres need asyncio) and ``--log-level debug|info|warning|error``.
+Every subcommand takes ``--node-id ID`` (the name in output and logs;
+default: the driver's, usually its endpoint).
 
 Stdout carries only JSON lines, one per transition, each flushed::
 
     {"node": ID, "pid": PID, "t": MONOTONIC_S, "wall": UNIX_S, "state": {...}}
 
-``t`` is ``time.monotonic()``, which on Linux is one clock for every process
-of the host, so other processes can compare it with their own readings.
-Logs go to stderr. SIGTERM or SIGINT makes the node resign and exit 0; the
-last line then carries ``Unknown``.
+``state`` is the ``LeaderState`` as JSON (``{"kind": "leader", "epoch": 3}``,
+``{"kind": "follower", "leader_endpoint": "h:p", "leader_epoch": 3}``,
+``{"kind": "unknown"}``); the first line is the value at start-up. ``t`` is
+``time.monotonic()``, which on Linux is one clock for every process of the
+host, so other processes can compare it with their own readings and
+:meth:`leaderwatch.testing.LeadershipHistory.feed_json_line` can merge the
+lines of many nodes. Like any subscriber the runner skips a value replaced
+before it was printed. Logs go to stderr as JSON lines. SIGTERM or SIGINT
+makes the node resign and exit 0; the last line then carries ``Unknown``.
+Exit status 1 (and ``error: ...`` on stderr) when the driver fails.
 
 Backends are subcommands: each is a :class:`NodeBackend` in ``BACKENDS``.
+To run your own driver in the same harness, register it and call
+:func:`main` from a script of your own::
+
+    import sys
+    from leaderwatch.testing.runner import BACKENDS, NodeBackend, main
+    from mypackage import MyDriver
+
+    def add_arguments(parser):
+        parser.add_argument("--endpoint", required=True)
+
+    def open_driver(args, node_id):
+        return MyDriver(node_endpoint=args.endpoint, node_id=node_id)
+
+    BACKENDS.append(NodeBackend("mine", "my election", add_arguments, open_driver))
+    sys.exit(main())  # python my_runner.py mine --endpoint 127.0.0.1:7001
 """
 
 from __future__ import annotations
