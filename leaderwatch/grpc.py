@@ -258,13 +258,14 @@ class LeaderInterceptor(grpc.aio.ServerInterceptor):
     - the call runs inside ``node.admit()``: only while the node serves, and
       counted, so stepping down drains it (and cancels it past the drain
       timeout); the handler reads the admitted epoch with
-      :func:`current_epoch`; the reply carries ``leader-epoch``: in the
-      trailing metadata always, and in the initial metadata for streaming
-      responses (sent with the first message), when the handler sends its
-      own initial metadata, and for every call with
-      ``epoch_in_initial_metadata=True`` (grpc.aio then sends the initial
-      metadata of a unary response in a batch of its own, which costs about
-      a fifth of a small call's time over loopback: hence the default);
+      :func:`current_epoch`; the reply carries ``leader-epoch`` in its
+      initial metadata and in its trailing metadata. With
+      ``epoch_in_initial_metadata=False`` a unary reply carries it in the
+      trailing metadata only (streaming replies keep both): grpc.aio sends
+      the initial metadata of a unary response in a batch of its own, which
+      costs about a fifth of a small call's time over loopback, and the
+      trailers travel with the status for free; leaderwatch clients read
+      either;
     - if the node does not serve, the call is answered
       ``FAILED_PRECONDITION`` with the hint in trailers (``leader-endpoint``,
       ``leader-epoch``, ``leader-hint-bin``, and ``tsoracle-leader-hint-bin``
@@ -287,7 +288,7 @@ class LeaderInterceptor(grpc.aio.ServerInterceptor):
         *,
         exempt: Iterable[str] = DEFAULT_EXEMPT,
         tsoracle_compatible: bool = False,
-        epoch_in_initial_metadata: bool = False,
+        epoch_in_initial_metadata: bool = True,
     ) -> None:
         if not callable(getattr(node, "admit", None)):
             raise TypeError(

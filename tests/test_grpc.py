@@ -252,9 +252,9 @@ async def test_leader_runs_the_call_inside_admission_with_the_epoch(
         call = channel.unary_unary(WHO, identity, decode)(b"")
         reply = await call
         assert reply["epoch"] == 9  # current_epoch() inside the handler
-        # A unary reply carries it with its status (no extra batch for initial metadata).
+        # A unary reply carries it in its initial metadata and with its status.
         assert dict(await call.trailing_metadata())["leader-epoch"] == "9"
-        assert "leader-epoch" not in dict(await call.initial_metadata())
+        assert dict(await call.initial_metadata())["leader-epoch"] == "9"
         stream = channel.unary_stream(COUNT, identity, decode)(b"2")
         replies = [reply async for reply in stream]
         assert [r["epoch"] for r in replies] == [9, 9]
@@ -271,14 +271,14 @@ async def test_leader_runs_the_call_inside_admission_with_the_epoch(
     assert node.in_flight == 0
 
 
-async def test_epoch_in_initial_metadata_of_unary_replies_on_request(
+async def test_epoch_only_in_trailers_of_unary_replies_on_request(
     servers: Callable[..., Any],
 ) -> None:
-    leader = await servers(ScriptedNode(Serve(epoch=4)), epoch_in_initial_metadata=True)
+    leader = await servers(ScriptedNode(Serve(epoch=4)), epoch_in_initial_metadata=False)
     async with grpc.aio.insecure_channel(leader.endpoint) as channel:
         call = channel.unary_unary(WHO, identity, decode)(b"")
         await call
-        assert dict(await call.initial_metadata())["leader-epoch"] == "4"
+        assert "leader-epoch" not in dict(await call.initial_metadata())
         assert dict(await call.trailing_metadata())["leader-epoch"] == "4"
 
 
