@@ -4,7 +4,7 @@
     python benchmarks/chaos.py --driver local --duration 300 --seed 7 --json out.json
     python benchmarks/chaos.py --driver etcd --known-defects      # also the known-broken faults
 
-Candidates are ``python -m leaderwatch.testing.runner`` processes (3 to 5,
+Candidates are ``leaderwatch campaign URL --format json`` processes (3 to 5,
 ``--candidates``); every JSON line they print goes into a
 :class:`~leaderwatch.testing.LeadershipHistory`, which is checked at the end
 (one leader per epoch, epochs never decrease per node, no two leaders at
@@ -75,7 +75,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 sys.path.insert(0, str(_HERE.parent / "tests"))
 
 from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: E402
-from nodes import NodeProcess, NodeSet, NodeTimeout  # noqa: E402
+from nodes import NodeProcess, NodeSet, NodeTimeout, etcd_url, local_url  # noqa: E402
 
 from leaderwatch.state import Follower, Leader  # noqa: E402
 from leaderwatch.testing import Fault, HistoryViolation, LeadershipHistory  # noqa: E402
@@ -586,15 +586,11 @@ def _common(kind: str) -> Callable[[Phase], Fault]:
 def local_backend(directory: Path, *, poll_interval: float) -> Backend:
     def node_args(index: int, endpoint: str, node_id: str) -> list[str]:
         return [
-            "local",
-            "--directory",
-            str(directory),
+            local_url(directory, poll_interval=poll_interval),
             "--endpoint",
             endpoint,
             "--node-id",
             node_id,
-            "--poll-interval",
-            str(poll_interval),
         ]
 
     def damage(kind: str, name: str, garbage: bool) -> Callable[[Phase], Fault]:
@@ -680,17 +676,11 @@ def etcd_backend(cluster: EtcdCluster, election: str, *, ttl: int) -> Backend:
         # Each candidate starts at a different member and knows all of them.
         order = [members[(index + k) % len(members)].endpoint for k in range(len(members))]
         return [
-            "etcd",
-            "--endpoints",
-            ",".join(order),
-            "--election",
-            election,
+            etcd_url(order, election, ttl=ttl),
             "--endpoint",
             endpoint,
             "--node-id",
             node_id,
-            "--ttl",
-            str(ttl),
         ]
 
     def target(phase: Phase) -> tuple[int, str]:

@@ -21,9 +21,12 @@ measured (it would take a minute per round).
 For PostgreSQL the script starts a throwaway server (see
 ``tests/pg_server.py``); the nodes share one election row on it.
 
-Adding a driver: write a function ``(args) -> list[Row]`` and register it in
-``DRIVERS``; a driver whose nodes run under ``leaderwatch.testing.runner``
-only needs :func:`measure_runner_group` with its node arguments.
+Nodes are ``leaderwatch campaign URL --endpoint H:P --format json``
+processes (``tests/nodes.py``'s ``RUNNER``). Adding a driver: write a
+function ``(args) -> list[Row]`` and register it in ``DRIVERS``; a driver
+with an election URL only needs :func:`measure_runner_group` with its node
+arguments (the URL and ``--endpoint``); a driver of your own runs under a
+:mod:`leaderwatch.testing.runner` script (``NodeSet(prefix=...)``).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from functools import partial
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from etcd_server import EtcdServer, etcd_server
-from nodes import NodeProcess, NodeSet
+from nodes import NodeProcess, NodeSet, etcd_url, local_url, postgres_url
 from pg_server import pg_server
 
 from leaderwatch.state import Leader
@@ -127,8 +130,8 @@ def _wait_registered(registered: Callable[[], int] | None, size: int) -> None:
 class RunnerGroup:
     """``size`` runner processes of one driver; :meth:`round` takes the leader away once.
 
-    ``node_args(i)`` are the runner arguments of node ``i`` (after
-    ``python -m leaderwatch.testing.runner``), e.g. ``["local", "--directory", ...]``.
+    ``node_args(i)`` are the runner arguments of node ``i`` (after ``leaderwatch
+    campaign --format json``), e.g. ``["local:///tmp/d", "--endpoint", "127.0.0.1:7100"]``.
     ``registered()``, when given, counts the candidates the backend knows of;
     each round waits until it reaches ``size``.
     """
@@ -212,13 +215,9 @@ def local_rows(args: argparse.Namespace) -> list[Row]:
 
             def node_args(i: int, d: str = d) -> list[str]:
                 return [
-                    "local",
-                    "--directory",
-                    d,
+                    local_url(d, poll_interval=args.poll_interval),
                     "--endpoint",
                     f"127.0.0.1:{7100 + i}",
-                    "--poll-interval",
-                    str(args.poll_interval),
                 ]
 
             note = f"poll {args.poll_interval * 1000:g} ms, dir {Path(d).parent}"
@@ -319,15 +318,9 @@ def etcd_rows(args: argparse.Namespace) -> list[Row]:
 
             def node_args(i: int, election: str = election) -> list[str]:
                 return [
-                    "etcd",
-                    "--endpoints",
-                    server.endpoint,
-                    "--election",
-                    election,
+                    etcd_url(server.endpoint, election, ttl=ttl),
                     "--endpoint",
                     f"127.0.0.1:{7400 + i}",
-                    "--ttl",
-                    str(ttl),
                 ]
 
             row = Row("etcd", scenario, [], f"ttl {ttl} s")
@@ -378,15 +371,9 @@ def postgres_rows(args: argparse.Namespace) -> list[Row]:
 
             def node_args(i: int, election: str = election) -> list[str]:
                 return [
-                    "postgres",
-                    "--dsn",
-                    server.dsn,
-                    "--election",
-                    election,
+                    postgres_url(server.dsn, election, ttl=ttl),
                     "--endpoint",
                     f"127.0.0.1:{7700 + i}",
-                    "--ttl",
-                    str(ttl),
                 ]
 
             row = measure_runner_group(

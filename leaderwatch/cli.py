@@ -13,13 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final, TextIO, TypeVar
@@ -28,9 +24,8 @@ from urllib.parse import quote, urlencode
 import anyio
 import click
 
-from leaderwatch._log import get_logger
 from leaderwatch._status import InvalidServiceURL, ServiceStatus, fetch_statuses, status_url
-from leaderwatch.channel import WatchReceiver
+from leaderwatch._transitions import TransitionPrinter, error_leaves, print_transitions
 from leaderwatch.drivers._base import DriverBase
 from leaderwatch.drivers._url import InvalidElectionURL, driver_from_url, redacted
 from leaderwatch.errors import LeaderwatchError
@@ -46,8 +41,6 @@ __all__ = [
     "configure_logging",
     "main",
 ]
-
-_log = get_logger("leaderwatch.cli")
 
 EXIT_OK: Final = 0
 """Success (``observe --once``: a leader is known)."""
@@ -163,12 +156,6 @@ def _say_error(ctx: click.Context | None, message: str) -> None:
     click.echo(f"{where}: error: {_one_line(message)}", err=True)
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
-
-
 def _describe_error(error: BaseException) -> str:
     if isinstance(error, LeaderwatchError | ImportError):
         return str(error)
@@ -185,7 +172,7 @@ def _run(ctx: click.Context, function: Callable[..., Any], *args: Any, backend: 
         code = anyio.run(function, *args, backend=backend)
         return code if isinstance(code, int) else EXIT_OK
     except Exception as error:
-        leaves = _leaves(error)
+        leaves = error_leaves(error)
         if all(isinstance(leaf, BrokenPipeError) for leaf in leaves):
             _silence_stdout()
             return EXIT_OK
@@ -419,88 +406,20 @@ def _driver(url: str, *, node_endpoint: str | None, **overrides: Any) -> DriverB
 # --- printing leadership -------------------------------------------------------------------
 
 
-@dataclass
-class _Printer:
-    """Writes one line per leadership value: text for people or the runner's JSON lines."""
-
-    output: str
-    observer: bool
-    stream: TextIO
-    stopping: bool = False
-
-    def emit(self, node: str, state: LeaderState, *, timestamp: bool = True) -> None:
-        if self.output == "json":
-            line = json.dumps(
-                {
-                    "node": node,
-                    "pid": os.getpid(),
-                    "t": time.monotonic(),
-                    "wall": time.time(),
-                    "state": state.model_dump(mode="json"),
-                },
-                separators=(",", ":"),
-            )
-        else:
-            line = self.describe(state)
-            if timestamp:
-                line = f"{datetime.now().strftime('%H:%M:%S.%f')[:-3]}  {line}"
-        self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def describe(self, state: LeaderState) -> str:
-        match state:
-            case Leader(epoch=epoch):
-                return f"leading at epoch {epoch}"
-            case Follower(leader_endpoint=None, leader_epoch=None):
-                pass
-            case Follower(leader_endpoint=endpoint, leader_epoch=epoch):
-                who = endpoint if endpoint is not None else "(endpoint unknown)"
-                at = f"at epoch {epoch}" if epoch is not None else "(epoch unknown)"
-                return f"leader {who} {at}" if self.observer else f"following {who} {at}"
-        if self.stopping and not self.observer:
-            return "resigned; left the election"
-        return "no leader known"
-
-
 def _leader_known(state: LeaderState) -> bool:
     if isinstance(state, Follower):
         return state.leader_endpoint is not None or state.leader_epoch is not None
     return isinstance(state, Leader)
 
 
-async def _report(receiver: WatchReceiver[LeaderState], node: str, printer: _Printer) -> None:
-    async for state in receiver:
-        printer.emit(node, state)
-
-
-async def _follow(driver: DriverBase, printer: _Printer, once: bool) -> int:
+async def _follow(driver: DriverBase, printer: TransitionPrinter, once: bool) -> int:
     """Print each transition until SIGINT/SIGTERM (or the current state, ``once``)."""
     if once:
         async with driver:
             state = driver.current
             printer.emit(driver.node_id, state, timestamp=False)
             return EXIT_OK if _leader_known(state) else EXIT_NO_LEADER
-    # Signals are handled before the driver can win: a node that led resigns on SIGTERM too.
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with anyio.create_task_group() as task_group:
-            reporting = anyio.CancelScope()
-
-            async def report(receiver: WatchReceiver[LeaderState]) -> None:
-                with reporting:
-                    await _report(receiver, driver.node_id, printer)
-
-            async with driver:
-                task_group.start_soon(report, driver.leadership())
-                async for signum in signals:
-                    _log.info(
-                        "cli_stopping", node_id=driver.node_id, signal=signal.Signals(signum).name
-                    )
-                    break
-                printer.stopping = True
-                if printer.observer:
-                    # An observer's exit is no news about the election: print nothing more.
-                    reporting.cancel()
-            # A candidate's report ends after its last value (it resigned), then the group exits.
+    await print_transitions(driver, printer)
     return EXIT_OK
 
 
@@ -645,7 +564,7 @@ def observe(ctx: click.Context, /, output: str, once: bool, backend: str, **elec
     _setup_logging(ctx)
     url = _election_url(**election)
     driver = _driver(url, node_endpoint=None)
-    printer = _Printer(output, observer=True, stream=sys.stdout)
+    printer = TransitionPrinter(output, observer=True, stream=sys.stdout)
     return _run(ctx, _follow, driver, printer, once, backend=backend)
 
 
@@ -654,8 +573,10 @@ def observe(ctx: click.Context, /, output: str, once: bool, backend: str, **elec
 
 The node advertises --endpoint while it leads. Ctrl-C, SIGINT or SIGTERM
 hands over gracefully: it resigns, so a successor takes over at once,
-prints its last state and exits 0. --format json prints the JSON lines of
-leaderwatch.testing.runner.
+prints its last state and exits 0. --format json prints one JSON line
+per transition with node, pid, t (time.monotonic(), one clock for every
+process of a Linux host), wall and state: this command is the process
+runner of leaderwatch's multi-process tests and benchmarks.
 {_ELECTION_HELP}""",
     short_help="Campaign in an election; resign on Ctrl-C.",
 )
@@ -685,7 +606,7 @@ def campaign(
     url = _election_url(**election)
     overrides = {} if node_id is None else {"node_id": node_id}
     driver = _driver(url, node_endpoint=endpoint, **overrides)
-    printer = _Printer(output, observer=False, stream=sys.stdout)
+    printer = TransitionPrinter(output, observer=False, stream=sys.stdout)
     return _run(ctx, _follow, driver, printer, False, backend=backend)
 
 

@@ -1,11 +1,12 @@
 """Spawn election node processes and watch what they report, with deadlines.
 
 Backend-agnostic: a node is any command that prints one JSON object per
-line, ``{"node", "pid", "t", "state"}`` as ``leaderwatch.testing.runner``
-does. Used by the multi-process tests and by ``benchmarks/failover.py``.
+line, ``{"node", "pid", "t", "state"}``, as ``leaderwatch campaign --format
+json`` (the process runner, :data:`RUNNER`) and ``leaderwatch.testing.runner``
+do. Used by the multi-process tests and by the benchmarks.
 
     with NodeSet() as nodes:
-        a = nodes.spawn("local", "--directory", d, "--endpoint", "127.0.0.1:7001")
+        a = nodes.spawn(local_url(d, poll_interval=0.02), "--endpoint", "127.0.0.1:7001")
         a.wait_for(lambda n: isinstance(n.state, Leader), timeout=10)
 """
 
@@ -20,8 +21,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from leaderwatch.state import Follower, Leader, Unknown, leader_state_from_json
 from leaderwatch.testing import HistoryReport, LeadershipHistory
@@ -35,11 +38,66 @@ __all__ = [
     "assert_epochs_never_decrease",
     "assert_history_ok",
     "assert_one_leader_per_epoch",
+    "etcd_url",
     "history_of",
+    "local_url",
+    "postgres_url",
 ]
 
-RUNNER: tuple[str, ...] = (sys.executable, "-m", "leaderwatch.testing.runner")
-"""The command prefix that starts ``leaderwatch.testing.runner``."""
+RUNNER: tuple[str, ...] = (
+    sys.executable,
+    "-m",
+    "leaderwatch",
+    "--log-format",
+    "json",
+    "--log-level",
+    "info",
+    "campaign",
+    "--format",
+    "json",
+)
+"""The process runner: ``leaderwatch campaign --format json``, info log events on stderr as
+JSON lines. Add the election URL and ``--endpoint HOST:PORT`` (``--node-id``, ``--backend``)."""
+
+
+def _options(**options: object) -> str:
+    given = {key: str(value) for key, value in options.items() if value is not None}
+    return urlencode(given, quote_via=quote)
+
+
+def local_url(directory: str | Path, *, poll_interval: float | None = None) -> str:
+    """``local:///DIR[?poll_interval=S]`` for ``directory`` (made absolute)."""
+    options = _options(poll_interval=poll_interval)
+    path = quote(str(Path(directory).absolute()))
+    return f"local://{path}" + (f"?{options}" if options else "")
+
+
+def etcd_url(
+    endpoints: str | Sequence[str],
+    election: str,
+    *,
+    ttl: int | None = None,
+    margin: float | None = None,
+    connect_timeout: float | None = None,
+) -> str:
+    """``etcd://H:P[,H:P]/ELECTION[?ttl=...]``; endpoints are tried in the order given."""
+    hosts = endpoints if isinstance(endpoints, str) else ",".join(endpoints)
+    options = _options(ttl=ttl, margin=margin, connect_timeout=connect_timeout)
+    return f"etcd://{hosts}/{quote(election, safe='/')}" + (f"?{options}" if options else "")
+
+
+def postgres_url(
+    dsn: str,
+    election: str,
+    *,
+    ttl: int | None = None,
+    margin: float | None = None,
+    schema: str | None = None,
+) -> str:
+    """``dsn`` (a ``postgres(ql)://`` URL) with the election and its options in the query."""
+    options = _options(election=election, ttl=ttl, margin=margin, schema=schema)
+    return dsn + ("&" if "?" in dsn else "?") + options
+
 
 State = Leader | Follower | Unknown
 
@@ -240,7 +298,7 @@ class NodeSet:
         self._changed = threading.Condition()
 
     def spawn(self, *args: str, name: str | None = None) -> NodeProcess:
-        """Start ``prefix + args`` (by default the leaderwatch node runner)."""
+        """Start ``prefix + args`` (by default :data:`RUNNER`: an election URL, ``--endpoint``)."""
         return self.spawn_command([*self.prefix, *args], name=name)
 
     def spawn_command(self, argv: Sequence[str], *, name: str | None = None) -> NodeProcess:

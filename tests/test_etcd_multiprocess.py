@@ -1,4 +1,4 @@
-"""Three ``python -m leaderwatch.testing.runner etcd`` processes on a real etcd server."""
+"""Three ``leaderwatch campaign etcd://...`` processes on a real etcd server."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nodes import (
     assert_epochs_never_decrease,
     assert_history_ok,
     assert_one_leader_per_epoch,
+    etcd_url,
 )
 
 from leaderwatch.state import Follower, Leader, Unknown
@@ -40,15 +41,9 @@ def cluster() -> Iterator[NodeSet]:
 
 def spawn(cluster: NodeSet, etcd: EtcdServer, election: str, index: int, ttl: int) -> NodeProcess:
     return cluster.spawn(
-        "etcd",
-        "--endpoints",
-        etcd.endpoint,
-        "--election",
-        election,
+        etcd_url(etcd.endpoint, election, ttl=ttl),
         "--endpoint",
         f"127.0.0.1:{7300 + index}",
-        "--ttl",
-        str(ttl),
         name=f"node{index}",
     )
 

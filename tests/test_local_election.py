@@ -21,6 +21,7 @@ from nodes import (
     assert_epochs_never_decrease,
     assert_history_ok,
     assert_one_leader_per_epoch,
+    local_url,
 )
 
 from leaderwatch.channel import WatchReceiver
@@ -498,15 +499,11 @@ def spawn(
     cluster: NodeSet, directory: Path, endpoint: str, *, backend: str = "asyncio"
 ) -> NodeProcess:
     return cluster.spawn(
-        "--backend",
-        backend,
-        "local",
-        "--directory",
-        str(directory),
+        local_url(directory, poll_interval=0.02),
         "--endpoint",
         endpoint,
-        "--poll-interval",
-        "0.02",
+        "--backend",
+        backend,
         name=f"{endpoint}#{len(cluster.nodes)}",
     )
 

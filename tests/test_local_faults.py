@@ -4,7 +4,7 @@ Each test reproduces one defect found by attacking the directory: a FIFO
 where a record belongs, a deleted or replaced lock file, a failing disk, a
 directory or a symbolic link where a file belongs, an exhausted epoch
 counter. In-process drivers share one event loop; the multi-process test
-runs ``leaderwatch.testing.runner`` nodes and checks every transition they
+runs ``leaderwatch campaign`` nodes and checks every transition they
 reported.
 """
 
@@ -21,7 +21,12 @@ from typing import Any
 
 import anyio
 import pytest
-from nodes import NodeSet, assert_epochs_never_decrease, assert_one_leader_per_epoch
+from nodes import (
+    NodeSet,
+    assert_epochs_never_decrease,
+    assert_one_leader_per_epoch,
+    local_url,
+)
 from test_local_election import (
     POLL,
     A,
@@ -342,14 +347,7 @@ def test_processes_never_lead_together_when_the_lock_file_is_lost(
 ) -> None:
     def spawn(endpoint: str, poll: float) -> None:
         cluster.spawn(
-            "local",
-            "--directory",
-            str(tmp_path),
-            "--endpoint",
-            endpoint,
-            "--poll-interval",
-            str(poll),
-            name=endpoint,
+            local_url(tmp_path, poll_interval=poll), "--endpoint", endpoint, name=endpoint
         )
 
     # The first leader polls slowly: a successor that did not wait would overlap it.

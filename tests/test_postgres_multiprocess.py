@@ -1,4 +1,4 @@
-"""Three ``python -m leaderwatch.testing.runner postgres`` processes on a real PostgreSQL server."""
+"""Three ``leaderwatch campaign postgres://...`` processes on a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from nodes import (
     NodeSet,
     assert_epochs_never_decrease,
     assert_one_leader_per_epoch,
+    postgres_url,
 )
 from pg_server import PostgresServer
 
@@ -37,15 +38,9 @@ def spawn(
     cluster: NodeSet, postgres: PostgresServer, election: str, index: int, ttl: int
 ) -> NodeProcess:
     return cluster.spawn(
-        "postgres",
-        "--dsn",
-        postgres.dsn,
-        "--election",
-        election,
+        postgres_url(postgres.dsn, election, ttl=ttl),
         "--endpoint",
         f"127.0.0.1:{7600 + index}",
-        "--ttl",
-        str(ttl),
         name=f"node{index}",
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -82,3 +83,25 @@ def test_a_users_driver_runs_in_the_harness_and_its_lines_feed_a_history(
     report = assert_history_ok(nodes, complete=True)
     assert report.terms == 2
     assert {term.node for term in history_of(nodes).leader_terms()} == {"a", "b"}
+
+
+def test_built_in_drivers_are_sent_to_leaderwatch_campaign() -> None:
+    built_in = subprocess.run(
+        [sys.executable, "-m", "leaderwatch.testing.runner", "--backend", "trio", "local"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert built_in.returncode == 2
+    assert built_in.stdout == ""
+    assert "leaderwatch campaign local:///" in built_in.stderr
+    assert "Traceback" not in built_in.stderr
+    nothing = subprocess.run(
+        [sys.executable, "-m", "leaderwatch.testing.runner"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert nothing.returncode == 2
+    assert "no driver registered" in nothing.stderr
+    assert "leaderwatch campaign URL" in nothing.stderr

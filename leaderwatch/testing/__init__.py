@@ -7,9 +7,10 @@
   epochs never decrease, no overlapping leaders, hints that name real
   leaders, convergence after faults).
 - :func:`capture_events`: collect the library's log events as dicts.
-- :mod:`leaderwatch.testing.runner`: run one node of any driver as a
-  process that prints each leadership transition as a JSON line
-  (``python -m leaderwatch.testing.runner local --directory D --endpoint H:P``).
+- :mod:`leaderwatch.testing.runner`: run one node of your own driver as a
+  process that prints each leadership transition as a JSON line, as
+  ``leaderwatch campaign URL --endpoint H:P --format json`` does for the
+  built-in drivers.
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ class LeadershipHistory:
 
     Record values in-process with :meth:`watch` (a task per node) or
     :meth:`record`, or from processes with :meth:`feed_json_line` (the lines
-    ``python -m leaderwatch.testing.runner`` prints). Times are
+    ``leaderwatch campaign --format json`` prints). Times are
     ``time.monotonic()``, which on Linux is one clock for every process of
     the host. A node that stops without a last report (killed) must be
     marked with :meth:`mark_gone`, else its last value lasts for ever.

@@ -1,32 +1,14 @@
-"""Run one election node as a process and report each leadership transition as a JSON line.
+"""Run one node of your own driver as a process, printing what ``leaderwatch campaign`` prints.
 
-``python -m leaderwatch.testing.runner local --directory D --endpoint host:port``
-``python -m leaderwatch.testing.runner etcd --endpoints H:P[,H:P] --election NAME [--endpoint H:P]``
-``python -m leaderwatch.testing.runner postgres --dsn URI --election NAME [--endpoint H:P]``
+The built-in drivers need no harness: ``leaderwatch campaign URL --endpoint
+HOST:PORT --format json`` runs one node of any election URL
+(``local:///D``, ``etcd://H:P/NAME?ttl=2``, ``postgres://.../db?election=NAME``)
+and is the process runner of leaderwatch's own multi-process tests and
+benchmarks. This module runs a driver of yours in the same loop, so its
+lines, signals and exit statuses are the same.
 
-Options before the subcommand: ``--backend asyncio|trio`` (anyio backend;
-etcd and postgres need asyncio) and ``--log-level debug|info|warning|error``.
-Every subcommand takes ``--node-id ID`` (the name in output and logs;
-default: the driver's, usually its endpoint).
-
-Stdout carries only JSON lines, one per transition, each flushed::
-
-    {"node": ID, "pid": PID, "t": MONOTONIC_S, "wall": UNIX_S, "state": {...}}
-
-``state`` is the ``LeaderState`` as JSON (``{"kind": "leader", "epoch": 3}``,
-``{"kind": "follower", "leader_endpoint": "h:p", "leader_epoch": 3}``,
-``{"kind": "unknown"}``); the first line is the value at start-up. ``t`` is
-``time.monotonic()``, which on Linux is one clock for every process of the
-host, so other processes can compare it with their own readings and
-:meth:`leaderwatch.testing.LeadershipHistory.feed_json_line` can merge the
-lines of many nodes. Like any subscriber the runner skips a value replaced
-before it was printed. Logs go to stderr as JSON lines. SIGTERM or SIGINT
-makes the node resign and exit 0; the last line then carries ``Unknown``.
-Exit status 1 (and ``error: ...`` on stderr) when the driver fails.
-
-Backends are subcommands: each is a :class:`NodeBackend` in ``BACKENDS``.
-To run your own driver in the same harness, register it and call
-:func:`main` from a script of your own::
+Register each driver as a :class:`NodeBackend` in ``BACKENDS`` (it becomes
+a subcommand) and call :func:`main` from a script of your own::
 
     import sys
     from leaderwatch.testing.runner import BACKENDS, NodeBackend, main
@@ -40,28 +22,52 @@ To run your own driver in the same harness, register it and call
 
     BACKENDS.append(NodeBackend("mine", "my election", add_arguments, open_driver))
     sys.exit(main())  # python my_runner.py mine --endpoint 127.0.0.1:7001
+
+Options before the subcommand: ``--backend asyncio|trio`` (anyio backend)
+and ``--log-level debug|info|warning|error``. Every subcommand takes
+``--node-id ID`` (the name in output and logs; default: the driver's).
+
+Stdout carries only JSON lines, one per transition, each flushed::
+
+    {"node": ID, "pid": PID, "t": MONOTONIC_S, "wall": UNIX_S, "state": {...}}
+
+``state`` is the ``LeaderState`` as JSON (``{"kind": "leader", "epoch": 3}``,
+``{"kind": "follower", "leader_endpoint": "h:p", "leader_epoch": 3}``,
+``{"kind": "unknown"}``); the first line is the state once the driver has
+started. ``t`` is ``time.monotonic()``, which on Linux is one clock for
+every process of the host, so other processes can compare it with their
+own readings and :meth:`leaderwatch.testing.LeadershipHistory.feed_json_line`
+can merge the lines of many nodes. Like any subscriber the runner skips a
+value replaced before it was printed. Logs go to stderr as JSON lines.
+SIGTERM or SIGINT makes the node resign and exit 0; the last line then
+carries ``Unknown``. Exit status 1 (and ``error: ...`` on stderr) when the
+driver fails, 2 on bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import signal
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TextIO
 
 import anyio
 
+from leaderwatch._transitions import TransitionPrinter, error_leaves, print_transitions
 from leaderwatch.cli import configure_logging
 from leaderwatch.drivers._base import DriverBase
-from leaderwatch.drivers.local import LocalElectionDriver
 
 __all__ = ["BACKENDS", "NodeBackend", "main"]
+
+_BUILT_IN: dict[str, str] = {
+    "local": "leaderwatch campaign local:///DIR?poll_interval=0.05 --endpoint H:P --format json",
+    "etcd": "leaderwatch campaign etcd://H:P[,H:P]/NAME?ttl=10 --endpoint H:P --format json",
+    "postgres": (
+        "leaderwatch campaign 'postgres://USER@H:P/DB?election=NAME&ttl=10' "
+        "--endpoint H:P --format json"
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -80,110 +86,15 @@ class NodeBackend:
     open_driver: Callable[[argparse.Namespace, str | None], DriverBase]
 
 
-def _local_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--directory", required=True, help="election directory shared by the nodes")
-    parser.add_argument("--endpoint", required=True, help="host:port this node advertises")
-    parser.add_argument(
-        "--poll-interval", type=float, default=0.05, help="seconds between lock tries"
-    )
-
-
-def _local_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
-    return LocalElectionDriver(
-        args.directory,
-        node_endpoint=args.endpoint,
-        poll_interval=args.poll_interval,
-        node_id=node_id,
-    )
-
-
-def _etcd_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--endpoints", required=True, help="etcd host:port list, comma-separated, tried in order"
-    )
-    parser.add_argument("--election", required=True, help="election name (key prefix)")
-    parser.add_argument(
-        "--endpoint", default=None, help="host:port this node advertises; omit to only observe"
-    )
-    parser.add_argument("--ttl", type=int, default=10, help="lease time-to-live in seconds")
-    parser.add_argument(
-        "--margin", type=float, default=None, help="step down this long before ttl (seconds)"
-    )
-    parser.add_argument(
-        "--connect-timeout", type=float, default=5.0, help="start-up connection deadline (s)"
-    )
-
-
-def _etcd_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
-    from leaderwatch.drivers.etcd import EtcdElectionDriver
-
-    return EtcdElectionDriver(
-        args.endpoints,
-        election=args.election,
-        node_endpoint=args.endpoint,
-        ttl=args.ttl,
-        margin=args.margin,
-        connect_timeout=args.connect_timeout,
-        node_id=node_id,
-    )
-
-
-def _postgres_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dsn", required=True, help="postgresql://user:password@host:port/database"
-    )
-    parser.add_argument("--election", required=True, help="election name (the row's key)")
-    parser.add_argument(
-        "--endpoint", default=None, help="host:port this node advertises; omit to only observe"
-    )
-    parser.add_argument("--ttl", type=int, default=10, help="lease time-to-live in seconds")
-    parser.add_argument(
-        "--margin", type=float, default=None, help="step down this long before ttl (seconds)"
-    )
-    parser.add_argument(
-        "--schema", default="leaderwatch", help="schema of the elections table (and channel)"
-    )
-    parser.add_argument(
-        "--connect-timeout", type=float, default=5.0, help="start-up connection deadline (s)"
-    )
-
-
-def _postgres_driver(args: argparse.Namespace, node_id: str | None) -> DriverBase:
-    from leaderwatch.drivers.postgres import PostgresElectionDriver
-
-    return PostgresElectionDriver(
-        args.dsn,
-        election=args.election,
-        node_endpoint=args.endpoint,
-        ttl=args.ttl,
-        margin=args.margin,
-        schema=args.schema,
-        connect_timeout=args.connect_timeout,
-        node_id=node_id,
-    )
-
-
-BACKENDS: list[NodeBackend] = [
-    NodeBackend("local", "file-lock election on this host", _local_arguments, _local_driver),
-    NodeBackend(
-        "etcd",
-        "election on an etcd v3 cluster (needs the etcd extra; asyncio backend only)",
-        _etcd_arguments,
-        _etcd_driver,
-    ),
-    NodeBackend(
-        "postgres",
-        "election on a PostgreSQL table (needs the postgres extra; asyncio backend only)",
-        _postgres_arguments,
-        _postgres_driver,
-    ),
-]
+BACKENDS: list[NodeBackend] = []
+"""Your drivers, one subcommand each; empty until you register one."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m leaderwatch.testing.runner",
+        prog=None if BACKENDS else "python -m leaderwatch.testing.runner",
         description="Campaign in an election and print one JSON line per leadership transition.",
+        epilog="Built-in drivers: leaderwatch campaign URL --endpoint HOST:PORT --format json.",
     )
     parser.add_argument(
         "--backend", choices=("asyncio", "trio"), default="asyncio", help="anyio backend"
@@ -203,50 +114,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _emit(out: TextIO, node: str, state: dict[str, object]) -> None:
-    line = {
-        "node": node,
-        "pid": os.getpid(),
-        "t": time.monotonic(),
-        "wall": time.time(),
-        "state": state,
-    }
-    out.write(json.dumps(line, separators=(",", ":")) + "\n")
-    out.flush()
+def _unregistered(argv: Sequence[str]) -> str | None:
+    """Why ``argv`` names no registered driver, if it names a built-in one or none is known."""
+    registered = {backend.name for backend in BACKENDS}
+    named = _subcommand(argv)
+    if named in _BUILT_IN and named not in registered:
+        return (
+            f"the {named} driver runs under the leaderwatch command, not this harness: "
+            f"{_BUILT_IN[named]}"
+        )
+    if not registered and not {"-h", "--help"} & set(argv):
+        return (
+            "no driver registered: append a NodeBackend to BACKENDS and call main() from a "
+            "script of your own (see leaderwatch.testing.runner); built-in drivers run under "
+            "leaderwatch campaign URL --endpoint HOST:PORT --format json"
+        )
+    return None
 
 
-async def _run(driver: DriverBase, out: TextIO) -> None:
-    receiver = driver.leadership()
-
-    async def report() -> None:
-        # Ends once the driver exited and its last value (Unknown) was written.
-        async for state in receiver:
-            _emit(out, driver.node_id, state.model_dump(mode="json"))
-
-    # Handle signals before the driver can win: a node that reported Leader resigns on SIGTERM.
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(report)
-            async with driver:
-                async for _ in signals:
-                    break
-
-
-def _errors(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _errors(inner)]
-    return [error]
+def _subcommand(argv: Sequence[str]) -> str | None:
+    arguments = iter(argv)
+    for arg in arguments:
+        if arg in ("--backend", "--log-level"):
+            next(arguments, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a node until SIGTERM/SIGINT; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Run a node of a registered driver until SIGTERM/SIGINT; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    problem = _unregistered(arguments)
+    if problem is not None:
+        parser.print_usage(sys.stderr)
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(arguments)
     configure_logging(logging.getLevelNamesMapping()[args.log_level.upper()], json_lines=True)
     driver: DriverBase = args.open_driver(args, args.node_id)
+    printer = TransitionPrinter("json", observer=False, stream=sys.stdout)
     try:
-        anyio.run(_run, driver, sys.stdout, backend=args.backend)
+        anyio.run(print_transitions, driver, printer, backend=args.backend)
     except Exception as error:
-        leaves = _errors(error)
+        leaves = error_leaves(error)
         if all(isinstance(leaf, BrokenPipeError) for leaf in leaves):
             return 0
         for leaf in leaves:
