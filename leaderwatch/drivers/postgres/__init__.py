@@ -12,15 +12,15 @@ The client is asyncpg, so the driver runs on anyio's asyncio backend only.
 
 from __future__ import annotations
 
-from leaderwatch.drivers.postgres._driver import (
+from leaderwatch.drivers.postgres._errors import (
     PostgresAuthError,
     PostgresDsnError,
-    PostgresElectionDriver,
     PostgresElectionError,
     PostgresPermissionError,
     PostgresUnavailable,
 )
 from leaderwatch.drivers.postgres._sql import schema_ddl
+from leaderwatch.drivers.postgres.driver import PostgresElectionDriver
 
 __all__ = [
     "PostgresAuthError",
