@@ -33,10 +33,10 @@ def cluster() -> Iterator[NodeSet]:
         yield nodes
         assert_epochs_never_decrease(nodes.nodes)
         assert_one_leader_per_epoch(nodes.nodes)
-        # No two leaders at once, hints name the endpoint of their epoch's leader. Not
-        # complete=True: a campaign abandoned while etcd is unreachable keeps its key until
-        # its lease ends (issue 11 §1 defect 5), and followers may name that key meanwhile.
-        assert_history_ok(nodes.nodes)
+        # No two leaders at once; every hint names an epoch one of these nodes led at
+        # (complete=True: every candidate is recorded), with that leader's endpoint. A
+        # campaign abandoned while etcd is unreachable must not leave a key others follow.
+        assert_history_ok(nodes.nodes, complete=True)
 
 
 def spawn(cluster: NodeSet, etcd: EtcdServer, election: str, index: int, ttl: int) -> NodeProcess:
