@@ -96,6 +96,9 @@ IDEMPOTENT_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT",
 """Methods re-sent after their bytes may have reached a server (idempotent per RFC 9110)."""
 
 _MAX_DRAINED_BODY: Final = 64 * 1024
+# A served body up to this size is read within its attempt, so a node that dies
+# mid-body costs one attempt (retried when safe) instead of an error to the caller.
+_MAX_BUFFERED_BODY: Final = 1024 * 1024
 _PHASE_SHARE: Final = 0.9
 _MAX_TARGETS: Final = 256
 
@@ -516,6 +519,9 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
                 return TimedOut(sent=True, error=f"no response within {budget:.3f} s"), None
             outcome = shared.outcome(response)
             if isinstance(outcome, Served):
+                cut = await _read_within_attempt(response, budget)
+                if cut is not None:
+                    return cut, None
                 outgoing.extensions["timeout"].update(restore)
                 response.extensions["leaderwatch.endpoint"] = attempt.endpoint
                 return outcome, response
@@ -530,6 +536,45 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         """Close the inner transport."""
         await self._inner.aclose()
+
+
+def _buffered(response: httpx.Response) -> bool:
+    length = response.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) <= _MAX_BUFFERED_BODY
+
+
+async def _read_within_attempt(response: httpx.Response, budget: float) -> Outcome | None:
+    """Read a served body of known, bounded size now; the outcome if it was cut off.
+
+    A body cut off (the node died or froze mid-reply) is a lost response: the
+    request reached the server, so the plan retries it only when it is safe to
+    resend. Bodies of unknown or large size stream to the caller as usual.
+    """
+    if not _buffered(response):
+        return None
+    outcome: Outcome | None = None
+    with anyio.move_on_after(budget) as scope:
+        try:
+            await response.aread()
+        except httpx.TransportError as error:
+            outcome = _failure(error) or SentButNoResponse(error=error_text(error))
+    if scope.cancelled_caught:
+        outcome = TimedOut(sent=True, error=f"reply body not complete within {budget:.3f} s")
+    if outcome is not None:
+        await response.aclose()
+    return outcome
+
+
+def _read_within_attempt_sync(response: httpx.Response) -> Outcome | None:
+    """:func:`_read_within_attempt` for blocking code (the read timeout bounds it)."""
+    if not _buffered(response):
+        return None
+    try:
+        response.read()
+    except httpx.TransportError as error:
+        response.close()
+        return _failure(error) or SentButNoResponse(error=error_text(error))
+    return None
 
 
 async def _release(response: httpx.Response, budget: float) -> None:
@@ -607,6 +652,9 @@ class LeaderAwareSyncTransport(httpx.BaseTransport):
                 return outcome, None
             outcome = shared.outcome(response)
             if isinstance(outcome, Served):
+                cut = _read_within_attempt_sync(response)
+                if cut is not None:
+                    return cut, None
                 outgoing.extensions["timeout"].update(restore)
                 response.extensions["leaderwatch.endpoint"] = attempt.endpoint
                 return outcome, response

@@ -90,12 +90,29 @@ class Drops:
 
 
 @dataclass(frozen=True)
+class CutsBody:
+    """Answers 200 at ``epoch``, then the connection breaks before the body's 40 bytes."""
+
+    epoch: int
+
+
+class _CutStream(httpx.AsyncByteStream, httpx.SyncByteStream):
+    async def __aiter__(self) -> Any:
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+        yield b""  # pragma: no cover
+
+    def __iter__(self) -> Any:
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete body")
+        yield b""  # pragma: no cover
+
+
+@dataclass(frozen=True)
 class Plain:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
 
 
-Behaviour = Lead | Points | Electing | Down | Frozen | Drops | Plain
+Behaviour = Lead | Points | Electing | Down | Frozen | Drops | CutsBody | Plain
 
 
 @dataclass
@@ -166,6 +183,12 @@ class Cluster:
                 return httpx.Response(503, headers=headers, json={"leader_epoch": epoch})
             case Drops():
                 raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            case CutsBody(epoch=epoch):
+                return httpx.Response(
+                    200,
+                    headers={"leader-epoch": str(epoch), "content-length": "40"},
+                    stream=_CutStream(),
+                )
             case Plain(status=status, headers=headers):
                 return httpx.Response(status, headers=headers, text="plain")
         raise AssertionError(f"unexpected behaviour {behaviour}")
@@ -622,6 +645,41 @@ async def test_a_post_sent_then_dropped_is_retried_with_one_key() -> None:
     assert third.headers["idempotency-key"] != key  # one key per logical request
     assert response.request.headers["idempotency-key"] == key
     assert other.status_code == 200
+
+
+async def test_a_reply_cut_mid_body_is_a_lost_response_not_an_error_to_the_caller() -> None:
+    # The node died after its reply's head: a GET moves on to the next node; a POST
+    # without a key is never re-sent (its outcome is unknown); with a key it is.
+    cluster = Cluster(a_1=CutsBody(6), b_1=Lead(7), c_1=Lead(7))
+    transport, _ = make_async(cluster, first="a:1")
+    async with client(transport) as http:
+        response = await http.get("/tickets/1")
+        assert response.json()["node"] == "b:1"
+        assert transport.cache.cached_leader is not None
+        assert transport.cache.cached_leader.epoch == 7  # the cut reply's epoch never counted
+    cluster = Cluster(a_1=CutsBody(6), b_1=Lead(7), c_1=Lead(7))
+    transport, _ = make_async(cluster, first="a:1")
+    async with client(transport) as http:
+        with pytest.raises(LeaderUnavailable) as caught:
+            await http.post("/tickets", json={"n": 1})
+    assert caught.value.reason == "outcome_unknown"
+    assert cluster.endpoints_received() == ["a:1"]
+    cluster = Cluster(a_1=CutsBody(6), b_1=Lead(7), c_1=Lead(7))
+    transport, _ = make_async(cluster, first="a:1", idempotency_keys=True)
+    async with client(transport) as http:
+        assert (await http.post("/tickets", json={"n": 1})).json()["node"] == "b:1"
+
+
+def test_sync_a_reply_cut_mid_body_is_retried_when_safe() -> None:
+    cluster = Cluster(a_1=CutsBody(6), b_1=Lead(7), c_1=Lead(7))
+    transport, _ = make_sync(cluster, first="a:1")
+    with sync_client(transport) as http:
+        assert http.get("/tickets/1").json()["node"] == "b:1"
+    cluster = Cluster(a_1=CutsBody(6), b_1=Lead(7), c_1=Lead(7))
+    transport, _ = make_sync(cluster, first="a:1")
+    with sync_client(transport) as http, pytest.raises(LeaderUnavailable, match="not idempotent"):
+        http.post("/tickets", content=b"x")
+    assert cluster.endpoints_received() == ["a:1"]
 
 
 async def test_a_callers_idempotency_key_is_kept_and_allows_retries() -> None:
