@@ -590,6 +590,8 @@ async def test_a_candidate_whose_own_key_goes_with_its_predecessor_never_leads(
     async with anyio.create_task_group() as task_group:
         c = await start(task_group, driver(etcd, election, A, ttl=10))
         await c.wait_for(follows(C, p_key.create_revision))
+        # C's key exists before D campaigns, so the line is P < C < D.
+        await wait_keys(etcd, election, lambda found: len(found) == 2)
         d = await start(task_group, driver(etcd, election, B, ttl=10))
         await d.wait_for(follows(C, p_key.create_revision))
         found = await wait_keys(etcd, election, lambda found: len(found) == 3)
