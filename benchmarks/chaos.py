@@ -80,9 +80,17 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _H
 sys.path.insert(0, str(_HERE.parent / "tests"))
 
 from etcd_cluster import EtcdCluster, etcd_cluster  # noqa: E402
-from nodes import NodeProcess, NodeSet, NodeTimeout, etcd_url, local_url  # noqa: E402
+from nodes import (  # noqa: E402
+    NodeProcess,
+    NodeSet,
+    NodeTimeout,
+    abandoned_campaign_hint,
+    etcd_url,
+    local_url,
+    log_events,
+)
 
-from leaderwatch.state import Follower, Leader  # noqa: E402
+from leaderwatch.state import Leader  # noqa: E402
 from leaderwatch.testing import Fault, HistoryViolation, LeadershipHistory  # noqa: E402
 
 STANDARD_FAULTS: dict[str, tuple[str, ...]] = {
@@ -676,17 +684,6 @@ def local_backend(directory: Path, *, poll_interval: float) -> Backend:
 # -- etcd ---------------------------------------------------------------------------------
 
 
-def _log_events(node: NodeProcess) -> list[dict[str, Any]]:
-    """A candidate's JSON log events (stderr)."""
-    events = []
-    for line in node.stderr_lines:
-        with contextlib.suppress(ValueError):
-            logged = json.loads(line)
-            if isinstance(logged, dict):
-                events.append(logged)
-    return events
-
-
 def _member_of(node: NodeProcess) -> str | None:
     """The etcd endpoint a candidate talks to now, from its log lines."""
     for line in reversed(node.stderr_lines):
@@ -788,7 +785,7 @@ def etcd_backend(cluster: EtcdCluster, election: str, *, ttl: int) -> Backend:
         per_wipe: dict[tuple[str, int], int] = {}
         total = 0
         for node in phase.nodes.nodes:
-            for event in _log_events(node):
+            for event in log_events(node):
                 if event.get("event") != "etcd_store_went_back":
                     continue
                 total += 1
@@ -817,33 +814,12 @@ def etcd_backend(cluster: EtcdCluster, election: str, *, ttl: int) -> Backend:
         issue 11 §1 defects 4/5 (the revoke is now retried, so this lasts
         tens of ms instead of a ttl): reported apart, see docs/reliability.md.
         """
-        if violation.kind != "hint_unled_epoch" or not violation.events:
+        if abandoned_campaign_hint(phase.nodes.nodes, violation) is None:
             return None
-        state = violation.events[0].state
-        if not isinstance(state, Follower) or state.leader_epoch is None:
-            return None
-        owners = [n for n, e in phase.endpoints.items() if e == state.leader_endpoint]
-        for node in phase.nodes.nodes:
-            if node.name not in owners:
-                continue
-            logged = _log_events(node)
-            leases = {
-                str(event.get("key", "")).rsplit("/", 1)[-1]
-                for event in logged
-                if event.get("event") == "etcd_campaign_started"
-                and event.get("create_revision") == state.leader_epoch
-            }
-            if any(
-                event.get("event") == "etcd_campaign_abandoned"
-                and event.get("lease_id") in leases
-                and not event.get("was_leader")
-                for event in logged
-            ):
-                return (
-                    "issue 11 §1 defect 5, residual: followers named an abandoned waiting "
-                    "campaign's key until its retried revoke went through"
-                )
-        return None
+        return (
+            "issue 11 §1 defect 5, residual: followers named an abandoned waiting "
+            "campaign's key until its retried revoke went through"
+        )
 
     return Backend(
         name="etcd",

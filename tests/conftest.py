@@ -29,13 +29,31 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def etcd() -> Iterator[EtcdServer]:
+def _shared_etcd() -> Iterator[EtcdServer]:
     try:
         find_etcd()
     except EtcdNotFound as error:
         pytest.fail(f"these tests need a real etcd server: {error}")
     with etcd_server() as server:
         yield server
+
+
+@pytest.fixture
+def etcd(_shared_etcd: EtcdServer) -> Iterator[EtcdServer]:
+    """The session's etcd server, checked alive before and after each test.
+
+    An etcd that died during a test fails that test with etcd's own log, and
+    is started again (same ports, same data) so later tests are not blamed.
+    """
+    server = _shared_etcd
+    if server.process.poll() is not None:
+        server.start()
+    yield server
+    code = server.process.poll()
+    if code is not None:
+        log = server.log_tail(60)
+        server.start()
+        pytest.fail(f"the shared etcd server died during this test (exit {code}); its log:\n{log}")
 
 
 @pytest.fixture(scope="session")

@@ -540,6 +540,12 @@ async def test_frozen_etcd_makes_the_leader_step_down_before_its_lease_can_expir
         assert not any(
             is_leader(state) for t, state in node.seen if paused + PROOF + SLACK < t < resumed
         ), node.seen
+    # The observer lost contact once and got it back once.
+    observer_id = observer.driver.node_id
+    assert [log["event"] for log in logs if log.get("node_id") == observer_id].count(
+        "etcd_reconnected"
+    ) == 1
+    assert observer.driver.reconnects == 1
     # After etcd resumes, one fresh campaign leads at a higher epoch.
     assert leader.epoch > old.epoch
     assert_epochs_never_decrease(first, second, observer)

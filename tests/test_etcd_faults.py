@@ -481,3 +481,4 @@ async def test_etcd_unreachable_names_only_the_silent_endpoint(
     assert unreachable, logs
     assert {log["endpoint"] for log in unreachable} == {relay.endpoint}, unreachable
     assert not [log for log in logs[switched_at:] if log["event"] == "etcd_unreachable"]
+    assert observer.driver.reconnects == 1  # the one switch away from the frozen relay

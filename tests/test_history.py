@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import types
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
+from nodes import abandoned_campaign_hint
 
 from leaderwatch.drivers import ManualDriver
 from leaderwatch.errors import LeaderwatchError
 from leaderwatch.state import Follower, Leader, LeaderState, Unknown
 from leaderwatch.testing import (
+    HistoryEvent,
     HistoryLineInvalid,
     HistoryViolated,
+    HistoryViolation,
     LeadershipHistory,
     LeaderTerm,
 )
@@ -331,3 +336,58 @@ async def test_watch_records_a_drivers_values_in_process_and_marks_it_gone() -> 
     times = [event.t for event in history.events]
     assert times == sorted(times)
     assert history.check(converge_within=1).ok  # a gone node needs not converge
+
+
+# -- the test suite's attribution of the documented residual of issue 11 defect 5 -----
+
+
+class _Node:
+    """What ``abandoned_campaign_hint`` reads of a node process."""
+
+    def __init__(
+        self, name: str, endpoint: str, logs: list[dict[str, object]], reports: list[float]
+    ) -> None:
+        self.name = name
+        self.argv = ["leaderwatch", "campaign", "--endpoint", endpoint, "etcd://x"]
+        self.stderr_lines = [json.dumps(line) + "\n" for line in logs]
+        self.reports = [types.SimpleNamespace(t=t) for t in reports]
+
+
+def _unled_hint(epoch: int, *, at: float = 10.0) -> HistoryViolation:
+    return HistoryViolation(
+        kind="hint_unled_epoch",
+        message="follows an epoch nobody led at",
+        events=(
+            HistoryEvent(
+                t=at,
+                node="b",
+                state=Follower(leader_endpoint="127.0.0.1:7300", leader_epoch=epoch),
+                index=1,
+            ),
+        ),
+    )
+
+
+def _owner(*, was_leader: bool) -> _Node:
+    return _Node(
+        "a",
+        "127.0.0.1:7300",
+        [
+            {"event": "etcd_campaign_started", "key": "e/1f", "create_revision": 11},
+            {"event": "etcd_campaign_abandoned", "lease_id": "1f", "was_leader": was_leader},
+        ],
+        [],
+    )
+
+
+def test_only_a_hint_at_an_abandoned_waiting_campaign_is_attributed_with_its_duration() -> None:
+    hinter = _Node("b", "127.0.0.1:7301", [], [9.0, 10.0, 10.25])
+    nodes: Any = [_owner(was_leader=False), hinter]
+    assert abandoned_campaign_hint(nodes, _unled_hint(11)) == pytest.approx(0.25)
+    # Another epoch, another kind of violation, or a campaign that led: not attributed.
+    assert abandoned_campaign_hint(nodes, _unled_hint(12)) is None
+    other = _unled_hint(11).model_copy(update={"kind": "epoch_led_twice"})
+    assert abandoned_campaign_hint(nodes, other) is None
+    assert abandoned_campaign_hint([_owner(was_leader=True), hinter], _unled_hint(11)) is None
+    # A hint never replaced lasts for ever.
+    assert abandoned_campaign_hint(nodes, _unled_hint(11, at=10.25)) == math.inf

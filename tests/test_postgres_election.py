@@ -436,7 +436,9 @@ async def test_frozen_database_makes_the_leader_step_down_before_its_lease_can_e
             is_leader(state) for t, state in node.seen if paused + PROOF + SLACK < t < resumed
         ), node.seen
     assert events(logs, "postgres_unreachable", node_id=observer.driver.node_id)
-    assert events(logs, "postgres_reconnected", node_id=observer.driver.node_id)
+    reconnected = events(logs, "postgres_reconnected", node_id=observer.driver.node_id)
+    assert reconnected
+    assert observer.driver.reconnects == len(reconnected)
     assert leader.epoch > old.epoch
     assert_epochs_never_decrease(first, second, observer)
     assert_one_leader_per_epoch(first, second)

@@ -297,6 +297,7 @@ async def test_an_etcd_node_reports_the_member_in_use_and_its_lease_proof(
         remaining = value(lead, "leaderwatch_lease_proof_remaining_seconds", node=name)
         assert remaining is not None
         assert 0 < remaining <= 2  # bounded by the ttl, renewed by keep-alives
+        assert value(lead, "leaderwatch_driver_reconnects_total", node=name) == 0
         await node.step_down()
         stepped_down = await scrape_until(
             http,

@@ -201,7 +201,8 @@ class EtcdClient:
       answers. An
       endpoint switched to counts as having answered.
     - ``etcd_unreachable`` is logged once per silence, naming the endpoint
-      that went silent.
+      that went silent; ``etcd_reconnected`` once when that endpoint answers
+      again. :attr:`reconnects` counts those, and every endpoint switched to.
     - :attr:`history` sees the header of every range and transaction reply
       (linearizable reads and writes), so it notices a store that went back.
     - :meth:`connect` raises :class:`EtcdUnavailable` or :class:`EtcdAuthError`
@@ -249,6 +250,10 @@ class EtcdClient:
         self._answered: anyio.Event | None = None
         self._unreachable: anyio.Event | None = None
         self._leave_reason = "unreachable"
+        self._silence_logged = False
+        self.reconnects = 0
+        """Times contact was re-established: an endpoint switched to, or etcd answering after
+        ``etcd_unreachable`` was logged (``etcd_reconnected``)."""
         self.history = StoreHistory(node_id=node_id, settle=timing.ttl)
         """What etcd's replies tell of the store's history (has it gone back?)."""
 
@@ -355,6 +360,10 @@ class EtcdClient:
             self._contact_until = until
         if sent > self._last_answered_send:
             self._last_answered_send = sent
+        if self._silence_logged:
+            self._silence_logged = False
+            self.reconnects += 1
+            _log.info("etcd_reconnected", node_id=self._node_id, endpoint=self.endpoint)
         for name in ("_heard", "_answered"):
             event = getattr(self, name)
             if event is not None:
@@ -406,6 +415,7 @@ class EtcdClient:
                 continue
             if until > -math.inf and reported != until:
                 reported = until
+                self._silence_logged = True
                 _log.warning(
                     "etcd_unreachable",
                     node_id=self._node_id,
@@ -436,6 +446,8 @@ class EtcdClient:
             except (CallFailed, TimeoutError):
                 continue
             self._conn = conn
+            self.reconnects += 1
+            self._silence_logged = False
             _log.warning(
                 "etcd_endpoint_switched",
                 node_id=self._node_id,

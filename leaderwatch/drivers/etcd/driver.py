@@ -206,6 +206,12 @@ class EtcdElectionDriver(DriverBase):
         return self._client.endpoint
 
     @property
+    def reconnects(self) -> int:
+        """Times contact with etcd was re-established: endpoints switched to, plus
+        answers after ``etcd_unreachable`` (each logged as ``etcd_reconnected``)."""
+        return self._client.reconnects
+
+    @property
     def lease_id(self) -> int | None:
         """The lease of the current campaign, ``None`` when not campaigning."""
         campaign = self._campaign

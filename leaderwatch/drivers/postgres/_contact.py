@@ -22,7 +22,15 @@ class Contact:
     stops counting (``postgres_unreachable``).
     """
 
-    __slots__ = ("_election", "_node_id", "_outage", "_silence_reported", "_timing", "until")
+    __slots__ = (
+        "_election",
+        "_node_id",
+        "_outage",
+        "_silence_reported",
+        "_timing",
+        "reconnects",
+        "until",
+    )
 
     def __init__(self, timing: LeaseTiming, *, node_id: str, election: str) -> None:
         self._timing = timing
@@ -31,6 +39,8 @@ class Contact:
         self.until = -math.inf
         self._silence_reported = False
         self._outage: str | None = None
+        self.reconnects = 0
+        """Outages ended by an answer (each logged as ``postgres_reconnected``)."""
 
     def answered(self, sent: float) -> None:
         """The database answered a statement sent at ``sent``."""
@@ -40,6 +50,7 @@ class Contact:
         self._silence_reported = False
         if self._outage is not None:
             self._outage = None
+            self.reconnects += 1
             _log.info("postgres_reconnected", node_id=self._node_id, election=self._election)
 
     def failed(self, error: str) -> None:

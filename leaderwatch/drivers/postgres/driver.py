@@ -194,6 +194,12 @@ class PostgresElectionDriver(DriverBase):
         return self._timing.margin
 
     @property
+    def reconnects(self) -> int:
+        """Times the database answered again after a failed statement or connection
+        (each logged as ``postgres_reconnected``)."""
+        return self._contact.reconnects
+
+    @property
     def tenure_epoch(self) -> int | None:
         """The epoch of the lease this node holds now, ``None`` when it holds none."""
         tenure = self._session.tenure
