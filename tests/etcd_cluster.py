@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from etcd_server import EtcdKey, find_etcd, find_etcdctl, free_port
+from scratch import scratch_dir
 
 __all__ = ["EtcdCluster", "EtcdMember", "etcd_cluster"]
 
@@ -282,7 +283,7 @@ def etcd_cluster(
     to ``attempts`` times.
     """
     binary = find_etcd()
-    temp = tempfile.mkdtemp(prefix="leaderwatch-etcd-cluster-")
+    temp = tempfile.mkdtemp(prefix="leaderwatch-etcd-cluster-", dir=scratch_dir())
     cluster: EtcdCluster | None = None
     try:
         failure: Exception | None = None

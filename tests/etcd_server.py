@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scratch import scratch_dir
+
 __all__ = [
     "INSTALL_HINT",
     "EtcdKey",
@@ -260,7 +262,7 @@ def etcd_server(
     bind) is retried on new ports up to ``attempts`` times.
     """
     binary = find_etcd()
-    temp = tempfile.mkdtemp(prefix="leaderwatch-etcd-")
+    temp = tempfile.mkdtemp(prefix="leaderwatch-etcd-", dir=scratch_dir())
     data_dir = os.path.join(temp, "data")
     log_path = os.path.join(temp, "etcd.log")
     server: EtcdServer | None = None

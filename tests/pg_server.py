@@ -38,6 +38,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scratch import scratch_dir
+
 __all__ = [
     "INSTALL_HINT",
     "PostgresNotFound",
@@ -370,7 +372,7 @@ def pg_server(*, attempts: int = 3) -> Iterator[PostgresServer]:
     account = _run_as()
     if account is not None:
         _check_reachable(bin_dir, account)
-    temp = Path(tempfile.mkdtemp(prefix="leaderwatch-pg-"))
+    temp = Path(tempfile.mkdtemp(prefix="leaderwatch-pg-", dir=scratch_dir()))
     if account is not None:
         os.chown(temp, account.pw_uid, account.pw_gid)
     data_dir = temp / "data"
