@@ -446,11 +446,15 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
     Each attempt's time (``attempt_timeout``, or what is left of the
     deadline) caps the connect, write and read timeouts the inner transport
     applies until the response head arrives, so a frozen or unreachable
-    node costs one attempt and a timeout says whether the request left; the
-    body is then read with the caller's own read timeout. An inner
-    transport other than ``httpx.AsyncHTTPTransport`` (which enforces those
-    timeouts itself) is also bounded by a cancel scope around each attempt,
-    with its phase timeouts capped at 90 % of it. ``sleep`` waits between
+    node costs one attempt and a timeout says whether the request left. A
+    served reply with a ``content-length`` of at most 1 MiB is read within
+    its attempt, under the same caps, so a reply cut off mid-body is a lost
+    response (re-sent only when that is safe), never an error to the caller;
+    a larger or unsized body is read later with the caller's own read
+    timeout. An inner transport other than ``httpx.AsyncHTTPTransport``
+    (which enforces those timeouts itself) is also bounded by one cancel
+    scope around each attempt, head and bounded body together, with its
+    phase timeouts capped at 90 % of it. ``sleep`` waits between
     attempts and ``clock`` measures the deadline (tests inject both).
     """
 
@@ -502,26 +506,37 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
         async def send(attempt: Attempt) -> tuple[Outcome, httpx.Response | None]:
             budget = attempt.timeout
             response: httpx.Response | None = None
+            outcome: Outcome | None = None
+            complete = False
             try:
                 if scoped:
                     outgoing, restore = shared.attempt_request(call, attempt, budget * _PHASE_SHARE)
                     with anyio.move_on_after(budget):
                         response = await inner.handle_async_request(outgoing)
+                        outcome = await _read_served(shared.outcome(response), response)
+                        complete = True
                 else:
+                    # The phase timeouts, capped at the budget until restored, bound each read.
                     outgoing, restore = shared.attempt_request(call, attempt, budget)
                     response = await inner.handle_async_request(outgoing)
+                    outcome = await _read_served(shared.outcome(response), response)
+                    complete = True
             except httpx.TransportError as error:
-                outcome = _failure(error)
-                if outcome is None:
+                if response is not None:  # the head came, the body was cut off: a lost reply
+                    await response.aclose()
+                    return _failure(error) or SentButNoResponse(error=error_text(error)), None
+                failed = _failure(error)
+                if failed is None:
                     raise
-                return outcome, None
+                return failed, None
             if response is None:
                 return TimedOut(sent=True, error=f"no response within {budget:.3f} s"), None
-            outcome = shared.outcome(response)
+            if not complete or outcome is None:
+                await response.aclose()
+                return TimedOut(
+                    sent=True, error=f"reply body not complete within {budget:.3f} s"
+                ), None
             if isinstance(outcome, Served):
-                cut = await _read_within_attempt(response, budget)
-                if cut is not None:
-                    return cut, None
                 outgoing.extensions["timeout"].update(restore)
                 response.extensions["leaderwatch.endpoint"] = attempt.endpoint
                 return outcome, response
@@ -543,30 +558,21 @@ def _buffered(response: httpx.Response) -> bool:
     return length is not None and length.isdigit() and int(length) <= _MAX_BUFFERED_BODY
 
 
-async def _read_within_attempt(response: httpx.Response, budget: float) -> Outcome | None:
-    """Read a served body of known, bounded size now; the outcome if it was cut off.
+async def _read_served(outcome: Outcome, response: httpx.Response) -> Outcome:
+    """Read a served body of known, bounded size now, within the attempt; return ``outcome``.
 
-    A body cut off (the node died or froze mid-reply) is a lost response: the
-    request reached the server, so the plan retries it only when it is safe to
-    resend. Bodies of unknown or large size stream to the caller as usual.
+    A body cut off (the node died or froze mid-reply) then fails the attempt
+    as a lost response: the request reached the server, so the plan retries
+    it only when it is safe to resend. Bodies of unknown or large size
+    stream to the caller as usual.
     """
-    if not _buffered(response):
-        return None
-    outcome: Outcome | None = None
-    with anyio.move_on_after(budget) as scope:
-        try:
-            await response.aread()
-        except httpx.TransportError as error:
-            outcome = _failure(error) or SentButNoResponse(error=error_text(error))
-    if scope.cancelled_caught:
-        outcome = TimedOut(sent=True, error=f"reply body not complete within {budget:.3f} s")
-    if outcome is not None:
-        await response.aclose()
+    if isinstance(outcome, Served) and _buffered(response):
+        await response.aread()
     return outcome
 
 
 def _read_within_attempt_sync(response: httpx.Response) -> Outcome | None:
-    """:func:`_read_within_attempt` for blocking code (the read timeout bounds it)."""
+    """:func:`_read_served` for blocking code (the read timeout bounds it)."""
     if not _buffered(response):
         return None
     try:

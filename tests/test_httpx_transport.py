@@ -107,12 +107,25 @@ class _CutStream(httpx.AsyncByteStream, httpx.SyncByteStream):
 
 
 @dataclass(frozen=True)
+class StallsBody:
+    """Answers 200 at ``epoch``, then never sends the body's 40 bytes (a node frozen mid-reply)."""
+
+    epoch: int
+
+
+class _StalledStream(httpx.AsyncByteStream):
+    async def __aiter__(self) -> Any:
+        await anyio.sleep_forever()
+        yield b""  # pragma: no cover
+
+
+@dataclass(frozen=True)
 class Plain:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
 
 
-Behaviour = Lead | Points | Electing | Down | Frozen | Drops | CutsBody | Plain
+Behaviour = Lead | Points | Electing | Down | Frozen | Drops | CutsBody | StallsBody | Plain
 
 
 @dataclass
@@ -188,6 +201,12 @@ class Cluster:
                     200,
                     headers={"leader-epoch": str(epoch), "content-length": "40"},
                     stream=_CutStream(),
+                )
+            case StallsBody(epoch=epoch):
+                return httpx.Response(
+                    200,
+                    headers={"leader-epoch": str(epoch), "content-length": "40"},
+                    stream=_StalledStream(),
                 )
             case Plain(status=status, headers=headers):
                 return httpx.Response(status, headers=headers, text="plain")
@@ -670,6 +689,31 @@ async def test_a_reply_cut_mid_body_is_a_lost_response_not_an_error_to_the_calle
         assert (await http.post("/tickets", json={"n": 1})).json()["node"] == "b:1"
 
 
+async def test_a_reply_frozen_mid_body_costs_one_attempt_and_a_post_is_not_sent_twice() -> None:
+    # Head and body share the attempt's time: a GET moves on after one attempt_timeout;
+    # a POST without a key is not re-sent (it reached the node).
+    policy = FAST.model_copy(update={"attempt_timeout": 0.2})
+    cluster = Cluster(a_1=StallsBody(6), b_1=Lead(7), c_1=Lead(7))
+    transport, _ = make_async(cluster, first="a:1", policy=policy)
+    started = time.monotonic()
+    async with client(transport) as http:
+        response = await http.get("/tickets/1")
+    assert 0.2 <= time.monotonic() - started < 1.5
+    assert response.json()["node"] == "b:1"
+    assert transport.cache.cached_leader == ("b:1", 7)  # the frozen reply's epoch never counted
+    cluster = Cluster(a_1=StallsBody(6), b_1=Lead(7), c_1=Lead(7))
+    transport, _ = make_async(cluster, first="a:1", policy=policy)
+    async with client(transport) as http:
+        with pytest.raises(LeaderUnavailable) as caught:
+            await http.post("/tickets", json={"n": 1})
+    assert caught.value.reason == "outcome_unknown"
+    (record,) = caught.value.attempts
+    assert record.outcome == TimedOut(  # type: ignore[union-attr]
+        sent=True, error="reply body not complete within 0.200 s"
+    )
+    assert cluster.endpoints_received() == ["a:1"]
+
+
 def test_sync_a_reply_cut_mid_body_is_retried_when_safe() -> None:
     cluster = Cluster(a_1=CutsBody(6), b_1=Lead(7), c_1=Lead(7))
     transport, _ = make_sync(cluster, first="a:1")
@@ -1086,3 +1130,63 @@ async def test_loopback_frozen_node_and_a_post_is_not_sent_twice(loopback: Loopb
     assert record.outcome.sent
     # The socket's read timeout (capped below the attempt's) or the attempt's own bound.
     assert "ReadTimeout" in record.outcome.error or "no response within" in record.outcome.error
+
+
+@pytest.fixture
+def stalling() -> Iterator[str]:
+    """A node that answers a reply head (200, 40-byte body, epoch 12), 9 bytes, then stalls."""
+    sock = _listening_socket()
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        sock.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                connection, _ = sock.accept()
+            except TimeoutError:
+                continue
+            held.append(connection)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                request += chunk
+            connection.sendall(
+                b'HTTP/1.1 200 OK\r\ncontent-length: 40\r\nleader-epoch: 12\r\n\r\n{"node": '
+            )
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield _endpoint(sock)
+    finally:
+        stop.set()
+        thread.join(10)
+        for connection in held:
+            connection.close()
+        sock.close()
+
+
+async def test_loopback_a_reply_frozen_mid_body_costs_one_attempt(
+    loopback: Loopback, stalling: str
+) -> None:
+    # httpx's own transport: the attempt's time caps each read, the body's included.
+    endpoints = [stalling, loopback.leader]
+    policy = RetryPolicy(attempt_timeout=0.3, deadline=5.0)
+    cache = LeaderCache(endpoints, rng=random.Random(seed_starting_at(stalling, endpoints)))
+    transport = LeaderAwareTransport(endpoints, cache=cache, policy=policy)
+    started = time.monotonic()
+    async with httpx.AsyncClient(transport=transport, base_url="http://cluster") as http:
+        response = await http.get("/x")
+        cache.record_success(stalling, 13)  # point the next request at the stalling node
+        with pytest.raises(LeaderUnavailable) as caught:
+            await http.post("/tickets", content=b"one")
+    assert 0.3 <= time.monotonic() - started < 3.0
+    assert response.json()["host"] == loopback.leader
+    assert caught.value.reason == "outcome_unknown"
+    (record,) = caught.value.attempts
+    assert isinstance(record.outcome, TimedOut)
+    assert record.outcome.sent
+    assert "ReadTimeout" in record.outcome.error
