@@ -506,21 +506,18 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
         async def send(attempt: Attempt) -> tuple[Outcome, httpx.Response | None]:
             budget = attempt.timeout
             response: httpx.Response | None = None
-            outcome: Outcome | None = None
-            complete = False
+            outcome: Outcome | None = None  # set once the head and any bounded body are in
             try:
                 if scoped:
                     outgoing, restore = shared.attempt_request(call, attempt, budget * _PHASE_SHARE)
                     with anyio.move_on_after(budget):
                         response = await inner.handle_async_request(outgoing)
                         outcome = await _read_served(shared.outcome(response), response)
-                        complete = True
                 else:
                     # The phase timeouts, capped at the budget until restored, bound each read.
                     outgoing, restore = shared.attempt_request(call, attempt, budget)
                     response = await inner.handle_async_request(outgoing)
                     outcome = await _read_served(shared.outcome(response), response)
-                    complete = True
             except httpx.TransportError as error:
                 if response is not None:  # the head came, the body was cut off: a lost reply
                     await response.aclose()
@@ -531,7 +528,7 @@ class LeaderAwareTransport(httpx.AsyncBaseTransport):
                 return failed, None
             if response is None:
                 return TimedOut(sent=True, error=f"no response within {budget:.3f} s"), None
-            if not complete or outcome is None:
+            if outcome is None:
                 await response.aclose()
                 return TimedOut(
                     sent=True, error=f"reply body not complete within {budget:.3f} s"
