@@ -8,6 +8,7 @@ never skips them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +17,19 @@ from pg_server import PostgresNotFound, PostgresServer, find_pg_bin, pg_server
 
 SUMMARY_LINES = pytest.StashKey[list[str]]()
 """Lines a test module adds to the terminal summary (the fuzz module's case count)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The grpc.aio modules keep one event loop per module through an autouse async
+    # fixture; their few synchronous tests must not request it (pytest refuses a sync
+    # test that depends on an async fixture, which shows when such a test runs alone).
+    for item in items:
+        if (
+            isinstance(item, pytest.Function)
+            and not inspect.iscoroutinefunction(item.obj)
+            and "one_event_loop_per_module" in item.fixturenames
+        ):
+            item.fixturenames.remove("one_event_loop_per_module")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -15,6 +15,9 @@ to install one; tests turn that into a failure, never a skip.
         server.pause(); server.resume()   # SIGSTOP / SIGCONT the etcd process
         server.restart()                  # stop and start again, same port and data
         server.restart(wipe=True)         # ... with its data deleted: revisions start again at 1
+
+    with etcd_server(tls=EtcdTLS(ca, cert, key, client_cert_auth=True, ...)) as server:
+        ...                               # https:// clients only; etcdctl and /health use ca
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -44,6 +48,7 @@ __all__ = [
     "EtcdKey",
     "EtcdNotFound",
     "EtcdServer",
+    "EtcdTLS",
     "etcd_server",
     "find_etcd",
     "find_etcdctl",
@@ -110,6 +115,41 @@ class EtcdKey:
     lease: int
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """PEM files for an etcd that serves clients over TLS.
+
+    ``cert``/``key`` are the server's; with ``client_cert_auth`` etcd also
+    requires a client certificate signed by ``ca``, and ``client_cert`` /
+    ``client_key`` are what etcdctl and the health probe present.
+    """
+
+    ca: str
+    cert: str
+    key: str
+    client_cert_auth: bool = False
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def server_args(self) -> list[str]:
+        args = [f"--cert-file={self.cert}", f"--key-file={self.key}"]
+        if self.client_cert_auth:
+            args += ["--client-cert-auth", f"--trusted-ca-file={self.ca}"]
+        return args
+
+    def etcdctl_args(self) -> list[str]:
+        args = [f"--cacert={self.ca}"]
+        if self.client_cert is not None and self.client_key is not None:
+            args += [f"--cert={self.client_cert}", f"--key={self.client_key}"]
+        return args
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.client_cert is not None and self.client_key is not None:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
+
+
 @dataclass
 class EtcdServer:
     """A running etcd; :meth:`stop` is idempotent and copes with a paused process."""
@@ -119,6 +159,7 @@ class EtcdServer:
     data_dir: str
     log_path: str
     argv: list[str] = field(default_factory=list)
+    tls: EtcdTLS | None = None
 
     @property
     def port(self) -> int:
@@ -130,7 +171,8 @@ class EtcdServer:
         return f"127.0.0.1:{self.port}"
 
     def etcdctl_argv(self, *args: str) -> list[str]:
-        return [find_etcdctl(), f"--endpoints={self.client_url}", *args]
+        tls = [] if self.tls is None else self.tls.etcdctl_args()
+        return [find_etcdctl(), f"--endpoints={self.client_url}", *tls, *args]
 
     def etcdctl(
         self, *args: str, timeout: float = 20.0, check: bool = True, stdin: str | None = None
@@ -162,7 +204,10 @@ class EtcdServer:
 
     def is_healthy(self, timeout: float = 1.0) -> bool:
         try:
-            with urllib.request.urlopen(self.client_url + "/health", timeout=timeout) as reply:
+            context = None if self.tls is None else self.tls.ssl_context()
+            with urllib.request.urlopen(
+                self.client_url + "/health", timeout=timeout, context=context
+            ) as reply:
                 return bool(reply.status == 200 and b'"health":"true"' in reply.read())
         except (OSError, urllib.error.URLError):
             return False
@@ -254,9 +299,15 @@ def _check_is_etcd(server: EtcdServer) -> None:
 
 @contextlib.contextmanager
 def etcd_server(
-    *, extra_args: Sequence[str] = (), start_timeout: float = 20.0, attempts: int = 3
+    *,
+    extra_args: Sequence[str] = (),
+    tls: EtcdTLS | None = None,
+    start_timeout: float = 20.0,
+    attempts: int = 3,
 ) -> Iterator[EtcdServer]:
     """Start etcd on free 127.0.0.1 ports with a temporary data dir; always stop and clean up.
+
+    With ``tls`` it serves clients over https only (peers stay plaintext).
 
     A start that fails (e.g. a port taken between :func:`free_port` and the
     bind) is retried on new ports up to ``attempts`` times.
@@ -272,7 +323,7 @@ def etcd_server(
             client_port, peer_port = free_port(), free_port()
             if client_port == peer_port:
                 continue
-            client_url = f"http://127.0.0.1:{client_port}"
+            client_url = f"{'http' if tls is None else 'https'}://127.0.0.1:{client_port}"
             peer_url = f"http://127.0.0.1:{peer_port}"
             argv = [
                 binary,
@@ -286,13 +337,14 @@ def etcd_server(
                 "--initial-cluster-state=new",
                 f"--initial-cluster-token=leaderwatch-{os.getpid()}-{client_port}",
                 "--log-level=warn",
+                *([] if tls is None else tls.server_args()),
                 *extra_args,
             ]
             with open(log_path, "ab") as log:
                 process = subprocess.Popen(
                     argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                 )
-            server = EtcdServer(process, client_url, data_dir, log_path, argv)
+            server = EtcdServer(process, client_url, data_dir, log_path, argv, tls)
             try:
                 server.wait_healthy(start_timeout)
             except (RuntimeError, TimeoutError) as error:

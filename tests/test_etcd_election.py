@@ -806,5 +806,15 @@ def test_construction_refuses_bad_arguments(tmp_path: Path) -> None:
         EtcdElectionDriver("127.0.0.1:2379", election="e", client_cert=tmp_path / "c.pem")
     with pytest.raises(EtcdElectionError, match="ca_cert"):
         EtcdElectionDriver("127.0.0.1:2379", election="e", ca_cert=tmp_path / "missing.pem")
+    not_pem = tmp_path / "hostname"
+    not_pem.write_text("node-1\n")
+    certificate = tmp_path / "cert.pem"
+    certificate.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    with pytest.raises(EtcdElectionError, match=r"ca_cert .*hostname' does not hold a PEM cert"):
+        EtcdElectionDriver("127.0.0.1:2379", election="e", ca_cert=not_pem)
+    with pytest.raises(EtcdElectionError, match=r"client_key .* does not hold a PEM private key"):
+        EtcdElectionDriver(
+            "127.0.0.1:2379", election="e", client_cert=certificate, client_key=certificate
+        )
     assert EtcdElectionDriver("127.0.0.1:2379", election="e", ttl=10).margin == 2.0
     assert EtcdElectionDriver("127.0.0.1:2379", election="e", ttl=2).margin == 0.5

@@ -148,15 +148,27 @@ def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(parsed)
 
 
+_PEM_BLOCKS: Final = {
+    "ca_cert": (b"-----BEGIN CERTIFICATE-----", "a PEM certificate (BEGIN CERTIFICATE)"),
+    "client_cert": (b"-----BEGIN CERTIFICATE-----", "a PEM certificate (BEGIN CERTIFICATE)"),
+    "client_key": (b"PRIVATE KEY-----", "a PEM private key (BEGIN ... PRIVATE KEY)"),
+}
+
+
 def _read_pem(name: str, path: str | Path | None) -> bytes | None:
+    """The file's bytes, once it is known to hold what ``name`` needs (else a clear error)."""
     if path is None:
         return None
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as error:
         raise EtcdElectionError(
             f"cannot read {name} {str(path)!r}: {error.strerror or error}"
         ) from error
+    marker, wanted = _PEM_BLOCKS[name]
+    if marker not in data:
+        raise EtcdElectionError(f"{name} {str(path)!r} does not hold {wanted}")
+    return data
 
 
 def _tls_credentials(
