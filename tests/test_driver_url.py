@@ -18,6 +18,7 @@ from leaderwatch import Follower, InvalidEndpoint, Leader, LeaderwatchError, Unk
 from leaderwatch.drivers import (
     InvalidElectionURL,
     LocalElectionDriver,
+    LocalElectionError,
     driver_from_url,
 )
 from leaderwatch.drivers._base import DriverBase
@@ -285,6 +286,33 @@ async def test_local_observer_follows_and_never_campaigns(tmp_path: Path) -> Non
                 )
         with anyio.fail_after(5):
             await observer.leadership().wait_for(lambda state: state == Unknown())
+
+
+@pytest.mark.anyio
+async def test_local_observer_of_a_directory_it_may_not_write_reads_the_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "election"
+    url = f"local://{directory}?poll_interval=0.01"
+    async with driver_from_url(url, node_endpoint="127.0.0.1:7001") as candidate:
+        assert candidate.current == Leader(epoch=1)
+
+        def read_only(path: Path) -> None:  # tests run as root: permissions cannot say no
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr("leaderwatch.drivers._local_store.prepare", read_only)
+        with pytest.raises(LocalElectionError, match="not usable"):
+            driver_from_url(url, node_endpoint="127.0.0.1:7002")  # a candidate must write
+        observer = driver_from_url(url)
+        async with observer:
+            with anyio.fail_after(5):
+                await observer.leadership().wait_for(
+                    lambda state: (
+                        state == Follower(leader_endpoint="127.0.0.1:7001", leader_epoch=1)
+                    )
+                )
+    with pytest.raises(LocalElectionError, match="not usable"):
+        driver_from_url(f"local://{tmp_path / 'missing'}")  # nothing to read there either
 
 
 URL_PIECES = st.sampled_from(

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 from leaderwatch.drivers._base import DriverBase
 from leaderwatch.drivers._timing import LeaseTiming
-from leaderwatch.drivers.local import LocalElectionDriver
+from leaderwatch.drivers.local import LocalElectionDriver, LocalElectionError
 from leaderwatch.errors import LeaderwatchError
 from leaderwatch.state import InvalidEndpoint, parse_endpoint
 
@@ -111,8 +111,9 @@ class _LocalObserver(LocalElectionDriver):
     """Follows a local election without ever campaigning: it never takes the lock.
 
     It publishes ``Follower(leader_endpoint, leader_epoch)`` while a process
-    leads the directory and ``Unknown()`` otherwise. The directory must be
-    writable (the driver creates it and its lock file).
+    leads the directory and ``Unknown()`` otherwise. Like a candidate it
+    creates the directory and its lock file when it can; a directory that
+    exists but that it may not write to is observed read-only.
     """
 
     def __init__(
@@ -132,6 +133,14 @@ class _LocalObserver(LocalElectionDriver):
         )
         # Off before the first probe on enter, so an observer never takes the lock.
         self._campaigning = False
+
+    def _prepare_directory(self) -> None:
+        try:
+            super()._prepare_directory()
+        except LocalElectionError:
+            # Reading the leader's record needs no write access.
+            if not (self.directory.is_dir() and os.access(self.directory, os.R_OK | os.X_OK)):
+                raise
 
 
 @dataclass(frozen=True)
