@@ -36,6 +36,7 @@ from leaderwatch.state import (
     Endpoint,
     Epoch,
     InvalidEndpoint,
+    _canonical,
     check_epoch,
     parse_endpoint,
 )
@@ -168,7 +169,7 @@ class LeaderCache:
     - different endpoint, fresh entry, both epochs known: accept when
       incoming >= cached;
     - cached epoch known, incoming ``None``: a hint is accepted only for an
-      endpoint in ``endpoints`` (exact match); a success report is not;
+      endpoint in ``endpoints``; a success report is not;
     - cached epoch ``None``: a hint is accepted (an epoch-less one only for
       an endpoint in ``endpoints``), a success report from a different
       endpoint is not;
@@ -181,7 +182,11 @@ class LeaderCache:
 
     ``endpoints`` (the operator's configuration) must be scheme-less
     ``host:port`` values (:class:`~leaderwatch.state.InvalidEndpoint`
-    otherwise); duplicates are dropped. ``failure_backoff`` is how long, in
+    otherwise); duplicates are dropped. Every endpoint this cache is given
+    (hints, successes, failures) that names a configured node in another
+    spelling (:func:`~leaderwatch.state.same_endpoint`: ``NODE-A:1`` for
+    ``node-a:1``, ``[::ffff:10.0.0.7]:9000`` for ``10.0.0.7:9000``) is taken
+    in its configured spelling, so one node is one entry. ``failure_backoff`` is how long, in
     seconds, an endpoint stays demoted after its first failure; each further
     failure doubles it up to ``failure_backoff_max``. ``clock`` returns
     seconds and is only compared against itself.
@@ -206,6 +211,7 @@ class LeaderCache:
         "_refused",
         "_rejected",
         "_schemes_stripped",
+        "_spellings",
         "_tls_required",
         "_ttl",
     )
@@ -251,6 +257,7 @@ class LeaderCache:
             )
         self._endpoints: tuple[str, ...] = tuple(configured)
         self._configured = frozenset(configured)
+        self._spellings = {_canonical(endpoint): endpoint for endpoint in reversed(configured)}
         self._tls_required = tls_required
         self._ttl = float(ttl)
         self._clock = clock
@@ -308,12 +315,18 @@ class LeaderCache:
         return entry
 
     def _valid(self, endpoint: str) -> str:
-        """``endpoint`` if it is valid, else raise; configured and cached ones were checked."""
+        """``endpoint`` in its configured spelling if valid, else raise."""
         if type(endpoint) is str:
             entry = self._entry
             if endpoint in self._configured or (entry is not None and endpoint == entry.endpoint):
                 return endpoint
-        return parse_endpoint(endpoint)
+        return self._as_configured(parse_endpoint(endpoint))
+
+    def _as_configured(self, endpoint: str) -> str:
+        """A valid ``endpoint`` in its configured spelling, when it names a configured node."""
+        if endpoint in self._configured:
+            return endpoint
+        return self._spellings.get(_canonical(endpoint), endpoint)
 
     def compare_and_set_leader(self, endpoint: str, epoch: int | None) -> bool:
         """Offer a leader hint; return whether it was accepted (the cache now holds ``endpoint``).
@@ -352,7 +365,7 @@ class LeaderCache:
         A success reported for ``endpoint`` ends the backoff at once. Raises
         :class:`~leaderwatch.state.InvalidEndpoint` for an invalid endpoint.
         """
-        self._valid(endpoint)
+        endpoint = self._valid(endpoint)
         with self._lock:
             now = self._clock()
             failure = self._failures.get(endpoint)
@@ -530,6 +543,7 @@ class LeaderCache:
                     "classify() takes a LeaderHint, a MalformedHint or None "
                     f"(got {type(hint).__name__})"
                 )
+        endpoint = self._as_configured(endpoint)
         seated = self._update(endpoint, epoch, hint=True)
         if seated == "endpoint_recently_failed":
             return self._recently_failed(endpoint, epoch)

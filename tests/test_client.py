@@ -124,7 +124,7 @@ RULES = [
     ),
     Rule(
         "cached known, epoch-less hint: refused for an unconfigured endpoint",
-        [("hint", "a:1", 9, True), ("hint", "x:1", None, False), ("hint", "B:1", None, False)],
+        [("hint", "a:1", 9, True), ("hint", "x:1", None, False), ("hint", "y:1", None, False)],
         ("a:1", 9),
         {"epochless_hint_to_unconfigured_endpoint": 2},
     ),
@@ -824,3 +824,25 @@ def test_docs_page_names_every_refusal_reason_and_event() -> None:
         "plaintext_downgrade",
     ):
         assert f"`{name}`" in page, name
+
+
+def test_a_configured_node_spelled_otherwise_is_one_entry_in_its_configured_spelling() -> None:
+    cache = LeaderCache(["10.0.0.7:9000", "node-b:9000", "[::1]:9001"], rng=random.Random(0))
+    follow = cache.classify(hint_from_wire("[::ffff:10.0.0.7]:9000", 5))
+    assert follow == Follow(endpoint="10.0.0.7:9000", epoch=5)
+    assert cache.classify(hint_from_wire("NODE-B:9000", 6)) == Follow(
+        endpoint="node-b:9000", epoch=6
+    )
+    assert cache.record_success("[0:0::1]:9001", 7)
+    assert cache.cached_leader == ("[::1]:9001", 7)
+    # A failure reported in another spelling demotes the configured entry.
+    cache.record_failure("[0::1]:9001")
+    assert cache.worklist()[-1] == "[::1]:9001"
+    refused = cache.classify(hint_from_wire("[::1]:9001", 7))
+    assert isinstance(refused, Rejected)
+    assert refused.rule == "endpoint_recently_failed"
+    assert sorted(cache.worklist()) == sorted(cache.endpoints)  # no second spelling anywhere
+    # An endpoint that is no configured node keeps its own spelling.
+    assert cache.classify(hint_from_wire("Node-C:9000", 8)) == Follow(
+        endpoint="Node-C:9000", epoch=8
+    )
