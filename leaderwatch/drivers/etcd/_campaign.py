@@ -202,65 +202,27 @@ class Campaign:
         The predecessor is the candidate key right before this one in line
         (``None``: this key is first), ``next?`` whether the predecessor is
         first in line; both as of the returned revision, at which this key
-        still existed. One transaction, unless keys that are not candidates
-        fill a whole page.
+        still existed. One range request (reads, never a read-only
+        transaction: see :meth:`EtcdClient.txn`), read from this key down, plus
+        a page per :data:`PAGE` keys that are not candidates, all at one
+        revision.
         """
         keys = self._keys
-        reply = await self._client.txn(
-            rpc.TxnRequest(
-                compare=[self._exists],
-                success=[
-                    rpc.RequestOp(
-                        request_range=keys.highest_below(self.create_revision, keys_only=True)
-                    ),
-                    rpc.RequestOp(request_range=keys.lowest(keys_only=True)),
-                ],
-            )
-        )
-        if not reply.succeeded:
-            return None
-        revision = reply.header.revision
-        below, lowest = (response.response_range for response in reply.responses)
-        predecessor = keys.first_candidate(below.kvs)
-        if predecessor is None and below.more:
-            found = await self._scan(
-                lambda kvs: keys.highest_below(kvs[-1].create_revision, keys_only=True), below
-            )
-            if found is None:
-                return None
-            revision, predecessor = found
-        if predecessor is None:
-            return revision, None, False
-        first = keys.first_candidate(lowest.kvs)
-        if first is None and lowest.more:
-            found = await self._scan(
-                lambda kvs: keys.lowest(above=kvs[-1].create_revision, keys_only=True), lowest
-            )
-            if found is None:
-                return None
-            revision, first = found
-        next_in_line = first is not None and first.key == predecessor.key
-        return revision, predecessor.key, next_in_line
-
-    async def _scan(self, next_page: Callable[[Any], Any], page: Any) -> tuple[int, Any] | None:
-        """Read the pages after ``page`` until a candidate key: (revision, key-value or ``None``).
-
-        ``None`` when this node's own key is gone. Each page is read in a
-        transaction that checks this key still exists.
-        """
+        page = await self._client.range(keys.line_from(self.create_revision, keys_only=True))
+        revision = int(page.header.revision)
+        line: list[Any] = []  # candidates, this key first if it still exists, then down the line
         while True:
-            reply = await self._client.txn(
-                rpc.TxnRequest(
-                    compare=[self._exists],
-                    success=[rpc.RequestOp(request_range=next_page(page.kvs))],
-                )
+            line += [kv for kv in page.kvs if keys.is_candidate(kv.key)]
+            if len(line) >= 3 or not page.more:
+                break
+            page = await self._client.range(
+                keys.line_from(page.kvs[-1].create_revision - 1, keys_only=True, revision=revision)
             )
-            if not reply.succeeded:
-                return None
-            page = reply.responses[0].response_range
-            found = self._keys.first_candidate(page.kvs)
-            if found is not None or not page.more:
-                return int(reply.header.revision), found
+        if not line or line[0].key != self.key or line[0].create_revision != self.create_revision:
+            return None
+        if len(line) == 1:
+            return revision, None, False
+        return revision, line[1].key, len(line) == 2
 
     @property
     def _exists(self) -> Any:

@@ -155,6 +155,16 @@ _PEM_BLOCKS: Final = {
 }
 
 
+_WRITE_OPS: Final = frozenset({"request_put", "request_delete_range"})
+
+
+def _writes(request: Any) -> bool:
+    """Whether a transaction request puts or deletes in either branch."""
+    return any(
+        op.WhichOneof("request") in _WRITE_OPS for op in (*request.success, *request.failure)
+    )
+
+
 def _read_pem(name: str, path: str | Path | None) -> bytes | None:
     """The file's bytes, once it is known to hold what ``name`` needs (else a clear error)."""
     if path is None:
@@ -512,7 +522,18 @@ class EtcdClient:
         return reply
 
     async def txn(self, request: Any, *, within: float | None = None) -> Any:
-        """A transaction, its deadline ``within`` s (default ``call_timeout``); its reply."""
+        """A transaction that writes, with a deadline ``within`` s (default ``call_timeout``).
+
+        A transaction without a put or delete is refused (``ValueError``): etcd
+        before 3.5.5 (and 3.4.21) panics and exits when a read-only transaction's
+        call is cancelled or times out while it runs (etcd issue 14110), so
+        reads use :meth:`range`, pinned to one revision where they must agree.
+        """
+        if not _writes(request):
+            raise ValueError(
+                "read-only etcd transactions are not sent: a cancelled one crashes etcd "
+                "before 3.5.5 (etcd issue 14110); read with range() instead"
+            )
         wait = self._timing.call_timeout if within is None else within
         endpoint, mark = self.endpoint, self.history.mark()
         reply = await self._call(

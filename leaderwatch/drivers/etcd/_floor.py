@@ -69,11 +69,11 @@ class RevisionFloor:
         self._node_id = node_id
         self._history = client.history
         self._reported_invalid: bytes | None = None
-        self._read = rpc.TxnRequest(success=[rpc.RequestOp(request_range=self.range())])
+        self._read = self.range()
 
-    def range(self) -> Any:
-        """The range request that reads the floor key."""
-        return rpc.RangeRequest(key=self._key)
+    def range(self, revision: int = 0) -> Any:
+        """The range request that reads the floor key (as of ``revision``, 0: now)."""
+        return rpc.RangeRequest(key=self._key, revision=revision)
 
     def note(self, kvs: Any) -> None:
         """Note the floor key as read in ``kvs`` (the reply to :meth:`range`)."""
@@ -106,8 +106,8 @@ class RevisionFloor:
         failing = False
         while True:
             try:
-                reply = await self._client.txn(self._read)
-                kvs = reply.responses[0].response_range.kvs
+                reply = await self._client.range(self._read)
+                kvs = reply.kvs
                 self.note(kvs)
                 value = self._history.floor_key_value
                 floor = self._history.floor

@@ -70,11 +70,9 @@ class ElectionKeys:
             options["min_create_revision"] = above + 1
         return self._page(rpc.RangeRequest.ASCEND, **options)
 
-    def highest_below(self, create_revision: int, **options: Any) -> Any:
-        """A range request for the keys in line right before one created at ``create_revision``."""
-        return self._page(
-            rpc.RangeRequest.DESCEND, max_create_revision=create_revision - 1, **options
-        )
+    def line_from(self, create_revision: int, **options: Any) -> Any:
+        """A range request for the keys created at or before ``create_revision``, latest first."""
+        return self._page(rpc.RangeRequest.DESCEND, max_create_revision=create_revision, **options)
 
     def _page(self, order: int, **options: Any) -> Any:
         return rpc.RangeRequest(

@@ -11,7 +11,6 @@ from functools import partial
 from typing import Any, Literal, NoReturn
 
 import anyio
-from aetcd import rpc
 
 from leaderwatch._log import get_logger
 from leaderwatch._value import FrozenValue
@@ -102,26 +101,22 @@ class LeaderObserver:
         self._timing = timing
         self._node_id = node_id
         self._reported_invalid: tuple[bytes, int] | None = None
-        self._query = rpc.TxnRequest(
-            success=[
-                rpc.RequestOp(request_range=keys.leader_query),
-                rpc.RequestOp(request_range=floor.range()),
-            ]
-        )
         self.watching: bytes | None = None
 
     async def read(self) -> LeaderRead:
         """Read the leader key and the revision floor now."""
         keys = self._keys
         sent = anyio.current_time()
-        reply = await self._client.txn(self._query)
-        page, floor = (response.response_range for response in reply.responses)
+        # Two reads at one revision, never a read-only transaction (see EtcdClient.txn).
+        page = await self._client.range(keys.leader_query)
+        revision = int(page.header.revision)
+        floor = await self._client.range(self._floor.range(revision))
         self._floor.note(floor.kvs)
-        revision = int(reply.header.revision)
         kv = keys.first_candidate(page.kvs)
         while kv is None and page.more:
-            page = await self._client.range(keys.lowest(above=page.kvs[-1].create_revision))
-            revision = int(page.header.revision)
+            page = await self._client.range(
+                keys.lowest(above=page.kvs[-1].create_revision, revision=revision)
+            )
             kv = keys.first_candidate(page.kvs)
         leader = None
         if kv is not None:
