@@ -93,6 +93,21 @@ async def leading(driver: EtcdElectionDriver) -> AsyncIterator[Leader]:
         yield state
 
 
+def mutual_tls_candidate(
+    server: EtcdServer, election: str, pems: dict[str, str]
+) -> EtcdElectionDriver:
+    """A candidate presenting the client certificate, trusting the test CA."""
+    return EtcdElectionDriver(
+        server.endpoint,
+        election=election,
+        node_endpoint=NODE,
+        ttl=2,
+        ca_cert=pems["ca"],
+        client_cert=pems["ccert"],
+        client_key=pems["ckey"],
+    )
+
+
 async def test_a_candidate_leads_over_tls_when_it_trusts_the_ca(
     tls_etcd: EtcdServer, pems: dict[str, str]
 ) -> None:
@@ -127,15 +142,7 @@ async def test_mutual_tls_needs_the_client_certificate(
     with pytest.raises(EtcdUnavailable, match=mtls_etcd.endpoint):
         async with without:
             pass
-    driver = EtcdElectionDriver(
-        mtls_etcd.endpoint,
-        election=election,
-        node_endpoint=NODE,
-        ttl=2,
-        ca_cert=pems["ca"],
-        client_cert=pems["ccert"],
-        client_key=pems["ckey"],
-    )
+    driver = mutual_tls_candidate(mtls_etcd, election, pems)
     async with leading(driver) as state:
         assert state.epoch > 0
 
@@ -144,15 +151,7 @@ async def test_the_cli_observes_an_etcds_url_over_mutual_tls(
     mtls_etcd: EtcdServer, pems: dict[str, str]
 ) -> None:
     election = f"cli-{uuid.uuid4().hex[:8]}"
-    driver = EtcdElectionDriver(
-        mtls_etcd.endpoint,
-        election=election,
-        node_endpoint=NODE,
-        ttl=2,
-        ca_cert=pems["ca"],
-        client_cert=pems["ccert"],
-        client_key=pems["ckey"],
-    )
+    driver = mutual_tls_candidate(mtls_etcd, election, pems)
     query = "&".join(
         f"{name}={quote(pems[key], safe='')}"
         for name, key in (("ca_cert", "ca"), ("client_cert", "ccert"), ("client_key", "ckey"))
