@@ -136,6 +136,33 @@ def test_a_floor_another_node_wrote_raises_the_floor_and_makes_this_node_settle(
     assert store.floor == 700
 
 
+def test_a_floor_that_rose_since_this_node_read_it_makes_it_settle_though_etcd_is_past_it() -> None:
+    # Another node saw the store go back and moved etcd past the old revisions before
+    # this node's next reply: only the floor key rising tells this node. The leader of
+    # the old store may still trust its lease: this node waits a ttl before campaigning.
+    store = history()
+    reply(store, 130, now=1.0)
+    store.note_floor_key(0, now=1.0)
+    assert store.settled_at == -math.inf
+    reply(store, 140, now=2.0)  # the wiped store, already moved past the floor
+    with capture_events() as logs:
+        store.note_floor_key(131, now=2.5)
+    assert store.settled_at == 2.5 + SETTLE
+    assert not store.behind
+    (rose,) = events(logs, "etcd_revision_floor_rose")
+    assert (rose["floor"], rose["previous_floor"]) == (131, 0)
+    store.note_floor_key(131, now=9.0)  # the same floor again: nothing new
+    assert store.settled_at == 2.5 + SETTLE
+
+
+def test_a_floor_found_on_the_first_read_does_not_delay_a_new_node() -> None:
+    store = history()
+    reply(store, 5_000, now=1.0)
+    store.note_floor_key(131, now=1.0)  # written by an episode long over
+    assert store.floor == 131
+    assert store.settled_at == -math.inf
+
+
 @pytest.mark.anyio
 async def test_waiting_for_a_change_wakes_on_the_next_reply() -> None:
     store = history()

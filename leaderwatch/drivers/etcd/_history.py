@@ -45,13 +45,17 @@ class StoreHistory:
       marks at every going back and of every value read from the floor key.
       No key created at or below it may lead.
     - :attr:`settled_at`: ``settle`` seconds after this node first saw the
-      store go back, or behind the floor; a candidate campaigns only after
-      it, so every lease the old store held has run out by then.
+      store go back, or behind the floor, or the floor key rise above a
+      floor it had already read (another node saw the store go back and
+      moved it on before this node's first reply); a candidate campaigns
+      only after it, so every lease the old store held has run out by then,
+      and no leader of the old store still believes its lease.
     """
 
     __slots__ = (
         "_changed",
         "_episode",
+        "_floor_read",
         "_lineage",
         "_node_id",
         "_reported",
@@ -76,6 +80,7 @@ class StoreHistory:
         """The last value read from the floor key (0: absent or not a revision)."""
         self.settled_at = -math.inf
         self._lineage = 0
+        self._floor_read = False
         self._episode = False
         self._reported = False
         self._changed: anyio.Event | None = None
@@ -140,7 +145,17 @@ class StoreHistory:
         """The floor key was read holding ``value`` (0 when absent or not a revision)."""
         self.floor_key_value = value
         if value > self.floor:
+            if self._floor_read:
+                self.settled_at = max(self.settled_at, now + self._settle)
+                _log.warning(
+                    "etcd_revision_floor_rose",
+                    node_id=self._node_id,
+                    floor=value,
+                    previous_floor=self.floor,
+                    action=f"another node saw etcd go back: campaigning waits {self._settle:g} s",
+                )
             self.floor = value
+        self._floor_read = True
         self._after_change(now)
 
     def _start_episode(self, now: float) -> None:
