@@ -224,10 +224,6 @@ class Campaign:
             return revision, None, False
         return revision, line[1].key, len(line) == 2
 
-    @property
-    def _exists(self) -> Any:
-        return _same_key(self.key, self.create_revision)
-
     async def _wait_for_delete(
         self, predecessor: bytes, *, next_in_line: bool, after: int
     ) -> int | None:
