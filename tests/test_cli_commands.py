@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from etcd_server import EtcdServer, free_port
+from etcd_server import EtcdServer, etcd_server, free_port
 from nodes import (
     NodeProcess,
     NodeSet,
@@ -243,6 +243,31 @@ def test_etcd_url_observe_and_campaign(etcd: EtcdServer, cluster: NodeSet) -> No
     os.kill(observer.pid, signal.SIGTERM)
     assert observer.wait_exit(HANDOVER) == 0
     assert run_cli("observe", url, "--once").returncode == 3
+
+
+def test_etcd_url_with_credentials_against_an_etcd_with_authentication(cluster: NodeSet) -> None:
+    with etcd_server() as secured:
+        secured.etcdctl("user", "add", "root", "--new-user-password=s3cret")
+        secured.etcdctl("auth", "enable")
+        election = f"cli-auth-{uuid.uuid4().hex[:8]}"
+        url = f"etcd://root:s3cret@{secured.endpoint}/{election}?ttl=2"
+        node = cluster.spawn(
+            "campaign", url, "--endpoint", "127.0.0.1:7302", "--format", "json", name="auth-node"
+        )
+        state = node.wait_for_state(lambda s: isinstance(s, Leader), timeout=STARTUP)
+        assert isinstance(state, Leader)
+        once = run_cli("observe", url, "--once", "--format", "json")
+        assert once.returncode == 0, once.stderr
+        assert state_of(once.stdout) == Follower(
+            leader_endpoint="127.0.0.1:7302", leader_epoch=state.epoch
+        )
+        wrong = run_cli("observe", f"etcd://root:nope@{secured.endpoint}/{election}", "--once")
+        line = assert_one_line_error(wrong, 1, "leaderwatch observe: error:", secured.endpoint)
+        assert "nope" not in line  # the password is never shown
+        anonymous = run_cli("observe", f"etcd://{secured.endpoint}/{election}", "--once")
+        assert_one_line_error(anonymous, 1, "leaderwatch observe: error:", secured.endpoint)
+        os.kill(node.pid, signal.SIGINT)
+        assert node.wait_exit(HANDOVER) == 0
 
 
 @pytest.mark.parametrize("command", ["observe", "campaign"])
