@@ -525,7 +525,7 @@ class EtcdClient:
         """A transaction that writes, with a deadline ``within`` s (default ``call_timeout``).
 
         A transaction without a put or delete is refused (``ValueError``): etcd
-        before 3.5.5 (and 3.4.21) panics and exits when a read-only transaction's
+        before 3.5.5 (and 3.4 without its backport) panics and exits when a read-only transaction's
         call is cancelled or times out while it runs (etcd issue 14110), so
         reads use :meth:`range`, pinned to one revision where they must agree.
         """
