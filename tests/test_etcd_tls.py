@@ -16,7 +16,7 @@ from urllib.parse import quote
 import anyio
 import pytest
 import trustme
-from etcd_server import EtcdServer, EtcdTLS, etcd_server, find_etcd
+from etcd_server import EtcdNotFound, EtcdServer, EtcdTLS, etcd_server, find_etcd
 
 from leaderwatch.drivers.etcd import EtcdElectionDriver, EtcdUnavailable
 from leaderwatch.state import Leader
@@ -57,7 +57,7 @@ def pems(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def _server(pems: dict[str, str], *, mutual: bool) -> Iterator[EtcdServer]:
     try:
         find_etcd()
-    except Exception as error:  # EtcdNotFound: a failure, never a skip
+    except EtcdNotFound as error:  # a failure, never a skip
         pytest.fail(f"these tests need a real etcd server: {error}")
     tls = EtcdTLS(
         pems["ca"],
