@@ -36,9 +36,14 @@ class LeaseTiming(FrozenValue):
     - :attr:`renew_interval` = ``proof_window / 3``: a renewal is sent that
       often, so one lost reply costs nothing.
     - :attr:`renew_retry` = ``min(0.1, renew_interval / 4)``: after a
-      renewal failed, the next one is sent that much later.
+      renewal failed, the next one is sent that much later (at once when
+      the endpoint in use changed since it was sent).
     - :attr:`call_timeout` = :attr:`renew_interval`: every request to the
       store gets that long; a silent store is noticed within one interval.
+    - :attr:`renewal_patience` = ``call_timeout / 2``: a leader with several
+      endpoints tries another one when a renewal has had no answer for that
+      long (the renewal keeps its own deadline), so that a frozen endpoint
+      leaves time to renew elsewhere before the proof runs out.
       A watch that saw nothing for that long is re-armed, and a driver that
       heard nothing for :attr:`proof_window` waits that long more before it
       tries another endpoint (a driver tries one at once when a request
@@ -101,6 +106,11 @@ class LeaseTiming(FrozenValue):
     def call_timeout(self) -> float:
         """The deadline of one request to the store."""
         return self.renew_interval
+
+    @property
+    def renewal_patience(self) -> float:
+        """How long a leader waits for a renewal's answer before it tries another endpoint."""
+        return self.call_timeout / 2
 
     @property
     def resign_wait(self) -> float:

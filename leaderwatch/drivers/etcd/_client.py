@@ -271,6 +271,7 @@ class EtcdClient:
         self._heard: anyio.Event | None = None
         self._answered: anyio.Event | None = None
         self._unreachable: anyio.Event | None = None
+        self._switch_settled: anyio.Event | None = None
         self._leave_reason = "unreachable"
         self._silence_logged = False
         self.reconnects = 0
@@ -402,10 +403,29 @@ class EtcdClient:
         )
 
     def leave_endpoint(self, reason: str) -> None:
-        """Have :meth:`keep_contact` try the other endpoints now (no-op with only one)."""
-        if self._unreachable is not None and len(self._endpoints) > 1:
+        """Have :meth:`keep_contact` try the other endpoints now.
+
+        A no-op with only one endpoint, and while an earlier request to leave
+        is still being served (so one frozen endpoint costs one switch).
+        """
+        if (
+            self._unreachable is not None
+            and len(self._endpoints) > 1
+            and self._switch_settled is None
+        ):
             self._leave_reason = reason
+            self._switch_settled = anyio.Event()
             self._unreachable.set()
+
+    async def moved_from(self, endpoint: str) -> bool:
+        """Whether the endpoint in use is no longer ``endpoint``.
+
+        Answers once a switch that :meth:`leave_endpoint` asked for is over,
+        whether or not another endpoint answered.
+        """
+        if self._switch_settled is not None:
+            await self._switch_settled.wait()
+        return self.endpoint != endpoint
 
     async def wait_answer(self, sent_after: float) -> None:
         """Wait until etcd answered a request sent after ``sent_after``."""
@@ -430,7 +450,11 @@ class EtcdClient:
                 continue
             if self._unreachable.is_set():
                 self._unreachable = anyio.Event()
-                if await self._switch_endpoint(self._leave_reason):
+                switched = await self._switch_endpoint(self._leave_reason)
+                settled, self._switch_settled = self._switch_settled, None
+                if settled is not None:
+                    settled.set()
+                if switched:
                     backoff.reset()
                 else:
                     await backoff.wait()

@@ -29,11 +29,13 @@ class Lease:
       renewal etcd acknowledged (the grant counts as one), capped by the TTL
       etcd granted; it only moves forward, except that it drops to
       ``-math.inf`` when etcd reports the lease gone.
-    - :meth:`keep_alive` renews every ``renew_interval`` (``renew_retry``
-      after a failure) and returns the moment :attr:`proven_until` passes or
-      etcd reports the lease gone. A renewal that got no answer within its
-      deadline calls ``on_unanswered`` (the driver's chance to try another
-      endpoint while the proof still holds).
+    - :meth:`keep_alive` renews every ``renew_interval`` and returns the
+      moment :attr:`proven_until` passes or etcd reports the lease gone.
+      A renewal that has had no answer for ``renewal_patience`` calls
+      ``on_unanswered`` (the driver's chance to try another endpoint while
+      the proof still holds) and keeps waiting until its own deadline.
+      After a failed renewal the next one is sent ``renew_retry`` later, or
+      as soon as the client has moved to another endpoint.
     - Each :meth:`revoke` attempt is shielded and bounded by ``resign_wait``;
       once etcd confirmed the lease gone, further attempts do nothing.
     """
@@ -136,12 +138,13 @@ class Lease:
                 await anyio.sleep_until(next_send)
                 sent = anyio.current_time()
                 try:
-                    ttl = await self._client.keep_alive_once(self.id)
+                    ttl = await self._renew_once()
                 except CallFailed as failure:
                     _log.debug("etcd_keepalive_failed", node_id=self._node_id, error=str(failure))
-                    if failure.code == "DEADLINE_EXCEEDED":
-                        self._on_unanswered()
-                    next_send = max(anyio.current_time(), sent + timing.renew_retry)
+                    retry_at = sent + timing.renew_retry
+                    if await self._client.moved_from(failure.endpoint):
+                        retry_at = sent
+                    next_send = max(anyio.current_time(), retry_at)
                     continue
                 if ttl <= 0:
                     self._proven_until = -math.inf
@@ -153,6 +156,26 @@ class Lease:
                 next_send = sent + timing.renew_interval
                 continue
             return "lease_unproven"
+
+    async def _renew_once(self) -> int:
+        """One renewal with its full deadline; ``on_unanswered`` if it is slow to answer."""
+
+        async def call_when_unanswered() -> None:
+            await anyio.sleep(self._timing.renewal_patience)
+            self._on_unanswered()
+
+        outcome: int | CallFailed
+        async with anyio.create_task_group() as patience:
+            patience.start_soon(call_when_unanswered)
+            try:
+                outcome = await self._client.keep_alive_once(self.id)
+            except CallFailed as failure:
+                outcome = failure  # raised below, outside the group, so never wrapped
+            finally:
+                patience.cancel_scope.cancel()
+        if isinstance(outcome, CallFailed):
+            raise outcome
+        return outcome
 
     @property
     def revoked(self) -> bool:
