@@ -66,6 +66,9 @@ def serve(app: ASGIApp | str, *, node: LeaderNode, **uvicorn_options: Any) -> No
       the server shuts down, and this raises the error, so a process whose
       main lets it propagate exits non-zero instead of answering 503
       forever.
+    - If uvicorn cannot start (the port is in use, ...), it logs why, the
+      node is left, and this raises uvicorn's ``SystemExit`` as itself: the
+      process exits with uvicorn's status and one-line error, no traceback.
 
     Raises :class:`UnsupportedServerOption` for ``reload`` or ``workers``
     other than 1 (each process needs its own node: run one ``serve`` per
@@ -138,6 +141,7 @@ class _LeaderServer(uvicorn.Server):
         started = anyio.Event()
         server_done = anyio.Event()
         failure: list[BaseException] = []
+        server_exit: list[SystemExit] = []
 
         async def run_node() -> None:
             try:
@@ -163,9 +167,15 @@ class _LeaderServer(uvicorn.Server):
                 self._hand_over = hand_over
                 try:
                     await super().serve(sockets)
+                except SystemExit as stop:
+                    # uvicorn exits like this when it cannot start (a port in use, ...);
+                    # raised below as itself, not wrapped in the task group's error group.
+                    server_exit.append(stop)
                 finally:
                     self._hand_over = None
                     signals.cancel()
                     server_done.set()
         if failure:
             raise failure[0]
+        if server_exit:
+            raise server_exit[0]

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from uvicorn.config import STARTUP_FAILURE
 
 from leaderwatch import LeaderNode, StaticDriver
 from leaderwatch.uvicorn import UnsupportedServerOption, serve
@@ -286,6 +287,26 @@ def test_under_the_uvicorn_cli_a_driver_failure_also_ends_the_process(
     assert code != 0, output
     assert "leader_node_terminating_process" in output
     assert "injected driver failure" in output
+
+
+def test_a_port_in_use_is_uvicorns_one_error_line_and_exit_status(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(APP)],
+            env={**os.environ, "LW_DIR": str(tmp_path / "election"), "LW_PORT": str(port)},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode == STARTUP_FAILURE, output
+    assert "address already in use" in output
+    assert "Traceback" not in output, output
+    assert "ExceptionGroup" not in output, output
 
 
 def test_serve_refuses_options_that_start_other_processes() -> None:
