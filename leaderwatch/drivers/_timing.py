@@ -40,14 +40,14 @@ class LeaseTiming(FrozenValue):
       the endpoint in use changed since it was sent).
     - :attr:`call_timeout` = :attr:`renew_interval`: every request to the
       store gets that long; a silent store is noticed within one interval.
-    - :attr:`renewal_patience` = ``call_timeout / 2``: a leader with several
-      endpoints tries another one when a renewal has had no answer for that
-      long (the renewal keeps its own deadline), so that a frozen endpoint
-      leaves time to renew elsewhere before the proof runs out.
       A watch that saw nothing for that long is re-armed, and a driver that
       heard nothing for :attr:`proof_window` waits that long more before it
       tries another endpoint (a driver tries one at once when a request
       finds the endpoint unreachable).
+    - :attr:`renewal_patience` = ``call_timeout / 2``: a leader with several
+      endpoints tries another one when a renewal has had no answer for that
+      long (the renewal keeps its own deadline), so that a frozen endpoint
+      leaves time to renew elsewhere before the proof runs out.
     - :attr:`resign_wait` = ``min(1, renew_interval)``: the bound on a
       resign or revoke at shutdown, so leaving never hangs on a dead store.
     - :meth:`backoff`: retries start at 50 ms and double up to
